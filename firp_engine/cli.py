@@ -1,0 +1,233 @@
+"""The `firp` command: generate, chat, info, train-head, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from firp_engine.errors import FirpError
+
+METHOD_CHOICES = ["ar", "firp", "pld", "medusa"]
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--backend", choices=["torch", "cpu", "triton", "cuda"], help="default: $FIRP_BACKEND or best")
+    p.add_argument("--max-context", type=int, default=None)
+    p.add_argument("--kv-blocks", type=int, default=None, help="KV pool size in 16-token blocks")
+    p.add_argument("--threads", type=int, default=None)
+
+
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=METHOD_CHOICES, default="ar")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--head", help="FIRP/Medusa head (default: the shipped one for this model)")
+    p.add_argument("--tree-budget", type=int, default=None, help="draft tree nodes (root included)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="firp", description="LLaMA inference with FIRP speculative decoding")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text for one prompt or a JSONL file of prompts")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompts-file", type=Path)
+    g.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    g.add_argument("--speedup", action="store_true", help="also run plain decoding and report the ratio")
+    _model_args(g)
+    _decode_args(g)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat, streaming")
+    _model_args(c)
+    _decode_args(c)
+
+    i = sub.add_parser("info", help="model config, parameter count, dtype, backend, KV pool")
+    _model_args(i)
+
+    t = sub.add_parser("train-head", help="train a FIRP (or Medusa) draft head")
+    from firp_engine.firp import train
+
+    train.add_arguments(t)
+
+    b = sub.add_parser("bench", help="Spec-Bench: speedup and acceptance of methods over ar")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of benchmarks/spec_bench.py")
+    return ap
+
+
+def _llm(args):
+    from firp_engine.generate import LLM
+
+    return LLM(
+        args.model,
+        dtype=args.dtype,
+        backend=args.backend,
+        max_context=args.max_context,
+        kv_blocks=args.kv_blocks,
+        head=getattr(args, "head", None),
+        threads=args.threads,
+    )
+
+
+def read_prompts(path: Path) -> tuple[list[str], list]:
+    """JSONL records with `prompt` (or Spec-Bench's `turns`, first turn) and an optional id."""
+    if not path.is_file():
+        raise FirpError(f"prompts file not found: {path}")
+    prompts, ids = [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            prompt = rec["prompt"] if "prompt" in rec else rec["turns"][0]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            raise FirpError(f"{path}:{n}: expected a JSON object with 'prompt' or 'turns'") from None
+        prompts.append(prompt)
+        ids.append(rec.get("id", rec.get("question_id", len(ids))))
+    if not prompts:
+        raise FirpError(f"{path}: no prompts")
+    return prompts, ids
+
+
+def _method_opts(args) -> dict:
+    return {"tree_budget": args.tree_budget} if args.tree_budget else {}
+
+
+def _gen_kwargs(args) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+    )
+
+
+def cmd_generate(args) -> None:
+    if args.max_new_tokens < 1:
+        raise FirpError("--max-new-tokens must be >= 1")
+    prompts, ids = read_prompts(args.prompts_file) if args.prompts_file else ([args.prompt], [0])
+    llm = _llm(args)
+    chat = not args.no_chat
+    prompt_ids = [llm.encode(p, chat) for p in prompts]
+    if not args.json and len(prompts) == 1 and not args.speedup:
+        for piece in llm.stream_ids(prompt_ids[0], args.method, **_gen_kwargs(args), **_method_opts(args)):
+            print(piece, end="", flush=True)
+        print()
+        results = [llm.last_result]
+    else:
+        results = llm.generate(
+            prompts, args.method, ids=ids, prompt_ids=prompt_ids, **_gen_kwargs(args), **_method_opts(args)
+        )
+    base = None
+    if args.speedup:
+        base = llm.generate(prompts, "ar", ids=ids, prompt_ids=prompt_ids, **_gen_kwargs(args))
+    for j, r in enumerate(results):
+        if args.json:
+            rec = r.to_json()
+            if base:
+                rec["ar_tokens_per_s"] = base[j].tokens_per_s
+                rec["speedup"] = r.tokens_per_s / base[j].tokens_per_s
+            print(json.dumps(rec))
+        elif len(results) > 1 or args.speedup:
+            print(f"--- [{r.id}]\n{r.text}")
+    if not args.json:
+        _summary(args.method, results, base)
+
+
+def _summary(method: str, results, base) -> None:
+    toks = sum(r.new_tokens for r in results)
+    secs = sum(r.decode_s for r in results)
+    steps = sum(r.steps for r in results)
+    line = f"[{method}] {toks} tokens in {secs:.2f}s: {toks / max(secs, 1e-9):.1f} tokens/s"
+    line += f", mean accepted {(toks - len(results)) / max(steps, 1):.2f} tokens/step"
+    if base:
+        bt = sum(r.new_tokens for r in base) / max(sum(r.decode_s for r in base), 1e-9)
+        line += f"; ar {bt:.1f} tokens/s; speedup {toks / max(secs, 1e-9) / bt:.2f}x"
+    print(line, file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    llm = _llm(args)
+    messages: list[dict] = []
+    print("firp chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        ids = llm.check_length(llm.tokenizer.encode_chat(messages))
+        pieces = []
+        for piece in llm.stream_ids(ids, args.method, **_gen_kwargs(args), **_method_opts(args)):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        r = llm.last_result
+        print(f"[{r.tokens_per_s:.1f} tokens/s, {r.mean_accepted:.2f} accepted/step]", file=sys.stderr)
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def cmd_info(args) -> None:
+    llm = _llm(args)
+    cfg = llm.config
+    info = {
+        "source": llm.ckpt.source,
+        "fingerprint": llm.ckpt.fingerprint(),
+        "parameters": cfg.n_params(),
+        "dtype": llm.dtype,
+        "backend": llm.backend,
+        "kv_pool": {
+            "blocks": llm.cache.num_blocks,
+            "block_size": llm.cache.block_size,
+            "tokens": llm.cache.num_blocks * llm.cache.block_size,
+            "MiB": round(llm.cache.bytes() / 2**20, 1),
+        },
+        "max_context": llm.max_context,
+        "config": {k: v for k, v in cfg.__dict__.items()},
+    }
+    print(json.dumps(info, indent=2, default=str))
+
+
+def cmd_bench(args) -> None:
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "spec_bench.py"
+    if not script.is_file():
+        raise FirpError(f"{script} not found (firp bench runs from a source checkout)")
+    sys.argv = [str(script), *args.bench_args]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "train-head":
+            from firp_engine.firp import train
+
+            train.run(args)
+        else:
+            {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench}[args.cmd](args)
+    except FirpError as e:
+        print(f"firp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("firp: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

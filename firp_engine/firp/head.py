@@ -1,0 +1,92 @@
+"""The FIRP head: k linear maps from the layer-l residual stream to k pseudo hidden states.
+
+Saved as `<name>.safetensors` (weight [k, d, d], bias [k, d]) plus `<name>.json` (layer,
+k, dtype, base-model fingerprint, training command, validation figures).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from firp_engine import ops
+from firp_engine.errors import FirpError
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "heads"
+
+
+class FirpHead(torch.nn.Module):
+    def __init__(self, d: int, k: int, layer: int, meta: dict | None = None) -> None:
+        super().__init__()
+        self.layer = layer  # pseudo rows enter after layers [0, layer) have run
+        self.k = k
+        # Start at the identity: a pseudo state first looks like the current token's state.
+        self.weight = torch.nn.Parameter(torch.eye(d).repeat(k, 1, 1))
+        self.bias = torch.nn.Parameter(torch.zeros(k, d))
+        self.meta = dict(meta or {})
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [n, d] -> pseudo rows [n * k, d] (row j*k + i is offset i+1 of node j)."""
+        w, b = self.weight, self.bias
+        if h.dtype != w.dtype:
+            w, b = w.to(h.dtype), b.to(h.dtype)
+        return ops.call("firp_project", h, w, b)
+
+    def n_params(self) -> int:
+        return self.weight.numel() + self.bias.numel()
+
+    def save(self, path: str | Path, meta: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path).with_suffix("")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.meta.update(meta or {})
+        self.meta.update({"layer": self.layer, "k": self.k, "d": self.weight.shape[-1], "kind": "firp"})
+        tensors = {"weight": self.weight.detach().float().contiguous(), "bias": self.bias.detach().float()}
+        save_file(tensors, str(path) + ".safetensors")
+        Path(str(path) + ".json").write_text(json.dumps(self.meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, fingerprint: str | None = None) -> FirpHead:
+        meta, tensors = read_head_files(path, fingerprint, "firp")
+        head = cls(int(meta["d"]), int(meta["k"]), int(meta["layer"]), meta)
+        with torch.no_grad():
+            head.weight.copy_(tensors["weight"])
+            head.bias.copy_(tensors["bias"])
+        return head
+
+
+def read_head_files(path: str | Path, fingerprint: str | None, kind: str) -> tuple[dict, dict]:
+    """Read `<path>.json` + `<path>.safetensors`, refusing a head made for another model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    base = Path(path)
+    base = base.with_suffix("") if base.suffix in (".json", ".safetensors") else base
+    cfg, st = Path(str(base) + ".json"), Path(str(base) + ".safetensors")
+    if not cfg.is_file() or not st.is_file():
+        raise FirpError(f"head not found: expected {cfg.name} and {st.name} in {cfg.parent}")
+    try:
+        meta = json.loads(cfg.read_text())
+        tensors = load_file(str(st))
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise FirpError(f"head {base}: corrupt file ({e})") from None
+    if meta.get("kind", "firp") != kind:
+        raise FirpError(f"head {base} is a {meta.get('kind')!r} head, not {kind!r}")
+    if fingerprint and meta.get("fingerprint") != fingerprint:
+        raise FirpError(
+            f"head {base} was trained for another model (fingerprint {meta.get('fingerprint')}, "
+            f"this model is {fingerprint}); train one with `firp train-head`"
+        )
+    return meta, tensors
+
+
+def shipped_head(fingerprint: str, kind: str = "firp") -> Path | None:
+    """The head shipped in the package for this model, if any."""
+    for cfg in sorted(SHIPPED_DIR.glob("*.json")):
+        meta = json.loads(cfg.read_text())
+        if meta.get("fingerprint") == fingerprint and meta.get("kind", "firp") == kind:
+            return cfg.with_suffix("")
+    return None

@@ -1,0 +1,327 @@
+"""The generate API: `LLM` loads a model once and runs requests with a decoding method.
+
+A method (plain `ar` here; `firp`, `pld`, `medusa` in their modules) implements
+`prefill(state)` and `step(states)`; the driver here owns everything around them:
+chat templates, KV sequences, stop conditions, timing, streaming text.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from firp_engine import ops
+from firp_engine.errors import FirpError
+from firp_engine.kv_cache import Sequence
+from firp_engine.loading import load
+from firp_engine.model import Batch, SeqRows, Transformer
+from firp_engine.sampling import SamplingParams, sample
+
+# method name -> "module:Class" (imported on first use)
+METHODS = {
+    "ar": "firp_engine.generate:ARDecoder",
+    "firp": "firp_engine.firp.decode:FirpDecoder",
+    "pld": "firp_engine.baselines.pld:PLDDecoder",
+    "medusa": "firp_engine.baselines.medusa:MedusaDecoder",
+}
+
+
+@dataclass
+class State:
+    """One request in flight."""
+
+    seq: Sequence
+    tokens: list[int]  # prompt + accepted tokens; the last one is not in the cache yet
+    n_prompt: int
+    gen: torch.Generator | None = None
+    extra: dict = field(default_factory=dict)  # the method's own per-request state
+
+
+@dataclass
+class GenerationResult:
+    id: object
+    prompt: str
+    prompt_ids: list[int]
+    new_ids: list[int]
+    text: str
+    new_tokens: int
+    steps: int
+    mean_accepted: float
+    prefill_s: float
+    decode_s: float
+    tokens_per_s: float
+    finish_reason: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def prefill(model: Transformer, seq: Sequence, ids: list[int], chunk: int) -> torch.Tensor:
+    """Write the prompt's K/V in chunks; returns the last row's final hidden state [1, d]."""
+    h_last = torch.empty(0)
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        seq.reserve(start + len(part))
+        batch = Batch(
+            positions=torch.arange(start, start + len(part)),
+            seqs=[SeqRows(seq, 0, len(part))],
+            kind="prefill",
+            slots=seq.slots(start, len(part)),
+        )
+        h = model.forward(batch, model.embed_tokens(torch.tensor(part)))
+        seq.length = start + len(part)
+        h_last = h[-1:]
+    return h_last
+
+
+class ARDecoder:
+    """Plain autoregressive decoding, batched over requests."""
+
+    batched = True
+
+    def __init__(self, llm: LLM, params: SamplingParams, **_: object) -> None:
+        self.model = llm.model
+        self.params = params
+        self.chunk = llm.prefill_chunk
+
+    def prefill(self, st: State) -> list[int]:
+        h = prefill(self.model, st.seq, st.tokens, self.chunk)
+        return sample(self.model.logits(h), self.params, st.gen).tolist()
+
+    def step(self, states: list[State]) -> list[list[int]]:
+        for st in states:
+            st.seq.reserve(st.seq.length + 1)
+        batch = Batch(
+            positions=torch.tensor([st.seq.length for st in states]),
+            seqs=[SeqRows(st.seq, b, b + 1) for b, st in enumerate(states)],
+            kind="decode",
+            slots=torch.cat([st.seq.slots(st.seq.length, 1) for st in states]),
+        )
+        ids = torch.tensor([st.tokens[-1] for st in states])
+        logits = self.model.logits(self.model.forward(batch, self.model.embed_tokens(ids)))
+        for st in states:
+            st.seq.length += 1
+        if self.params.greedy:
+            return [[t] for t in logits.argmax(-1).tolist()]
+        return [sample(logits[b : b + 1], self.params, st.gen).tolist() for b, st in enumerate(states)]
+
+
+def method_class(name: str):
+    if name not in METHODS:
+        raise FirpError(f"unknown method '{name}' (choose from {', '.join(METHODS)})")
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+class LLM:
+    """Load a model once; generate, stream or chat with any decoding method."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str = "fp32",
+        backend: str | None = None,
+        max_context: int | None = None,
+        kv_blocks: int | None = None,
+        block_size: int = 16,
+        prefill_chunk: int = 512,
+        head: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        if dtype not in ("fp32", "bf16"):
+            raise FirpError(f"unsupported dtype '{dtype}' (fp32 or bf16; fp16 is very slow on CPUs)")
+        if threads:
+            torch.set_num_threads(threads)
+        self.backend = ops.set_backend(backend)
+        self.ckpt = load(model)
+        self.tokenizer = self.ckpt.tokenizer
+        self.config = self.ckpt.config
+        self.model = Transformer(self.ckpt, dtype)
+        self.dtype = dtype
+        self.max_context = min(self.config.max_position, max_context or 4096)
+        blocks = kv_blocks if kv_blocks is not None else 2 * self.max_context // block_size
+        self.cache = self.model.new_cache(blocks, block_size)
+        self.prefill_chunk = prefill_chunk
+        self.head_path = head
+        self.eos = set(self.config.eos_ids) | set(self.tokenizer.eos_ids)
+        self._decoders: dict = {}
+
+    # ------------------------------------------------------------ prompts
+
+    def encode(self, prompt: str, chat: bool = True) -> list[int]:
+        if not prompt or not prompt.strip():
+            raise FirpError("empty prompt")
+        if chat and self.tokenizer.chat_template:
+            ids = self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        else:
+            ids = self.tokenizer.encode(prompt)
+        return self.check_length(ids)
+
+    def check_length(self, ids: list[int]) -> list[int]:
+        if len(ids) >= self.max_context:
+            raise FirpError(
+                f"prompt is {len(ids)} tokens, longer than the context window ({self.max_context})"
+            )
+        return ids
+
+    def decoder(self, method: str, params: SamplingParams, **opts):
+        cls = method_class(method)
+        return cls(self, params, **opts)
+
+    # ------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        prompts: str | list[str],
+        method: str = "ar",
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        chat: bool = True,
+        ids: list | None = None,
+        prompt_ids: list[list[int]] | None = None,
+        **method_opts,
+    ) -> list[GenerationResult]:
+        """Generate for each prompt (a batch for batched methods). Returns one result each."""
+        single = isinstance(prompts, str)
+        prompts = [prompts] if single else list(prompts)
+        if prompt_ids is None:
+            prompt_ids = [self.encode(p, chat) for p in prompts]
+        else:
+            prompt_ids = [self.check_length(list(p)) for p in prompt_ids]
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        dec = self.decoder(method, params, **method_opts)
+        groups = [list(range(len(prompts)))] if dec.batched else [[i] for i in range(len(prompts))]
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        for group in groups:
+            reqs = [(prompts[i], prompt_ids[i]) for i in group]
+            for j, res in zip(group, self._run(dec, reqs, params, max_new_tokens, stop or [])):
+                res.id = ids[j] if ids else j
+                results[j] = res
+        return results  # type: ignore[return-value]
+
+    def stream(self, prompt: str, method: str = "ar", chat: bool = True, **kw) -> Iterator[str]:
+        """Yield text pieces as they are decoded (never splitting a UTF-8 character)."""
+        yield from self.stream_ids(self.encode(prompt, chat), method, **kw)
+
+    def stream_ids(
+        self,
+        prompt_ids: list[int],
+        method: str = "ar",
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        **method_opts,
+    ) -> Iterator[str]:
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        dec = self.decoder(method, params, **method_opts)
+        run = _Run(self, dec, [("", self.check_length(prompt_ids))], params, max_new_tokens, stop or [])
+        text = self.tokenizer.stream_decoder()
+        for _, toks in run.events():
+            piece = "".join(text.push(t) for t in toks if t not in self.eos)
+            if piece:
+                yield piece
+        tail = text.flush()
+        if tail:
+            yield tail
+        self.last_result = run.out[0]
+
+    def _run(self, dec, reqs, params, max_new, stops) -> list[GenerationResult]:
+        run = _Run(self, dec, reqs, params, max_new, stops)
+        for _ in run.events():
+            pass
+        return run.out
+
+
+class _Run:
+    """One batch of requests through one decoder: stop conditions, timing, results."""
+
+    def __init__(self, llm: LLM, dec, reqs, params: SamplingParams, max_new: int, stops: list[str]):
+        self.llm, self.dec, self.reqs, self.params = llm, dec, reqs, params
+        self.max_new, self.stops = max_new, stops
+
+    def events(self) -> Iterator[tuple[int, list[int]]]:
+        """Yield (request index, tokens accepted) as decoding goes; results land in self.out."""
+        llm, dec = self.llm, self.dec
+        states: list[State] = []
+        finish: list[str | None] = []
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            try:
+                for _, ids in self.reqs:
+                    gen = None if self.params.greedy else self.params.generator()
+                    st = State(llm.cache.new_sequence(), list(ids), len(ids), gen)
+                    states.append(st)
+                    st.tokens += dec.prefill(st)[:1]
+                    finish.append(self._finished(st))
+                    yield len(states) - 1, st.tokens[st.n_prompt :]
+                t1 = time.perf_counter()
+                steps = [0] * len(states)
+                while True:
+                    active = [i for i, f in enumerate(finish) if f is None]
+                    if not active:
+                        break
+                    new = dec.step([states[i] for i in active])
+                    for i, toks in zip(active, new):
+                        steps[i] += 1
+                        st = states[i]
+                        before = len(st.tokens)
+                        st.tokens += toks
+                        finish[i] = self._finished(st)
+                        yield i, st.tokens[before:]
+                t2 = time.perf_counter()
+            finally:
+                for st in states:
+                    st.seq.free()
+        self.out = [
+            self._result(prompt, ids, st, f or "length", n, t1 - t0, t2 - t1)
+            for (prompt, ids), st, f, n in zip(self.reqs, states, finish, steps)
+        ]
+
+    def _finished(self, st: State) -> str | None:
+        new = st.tokens[st.n_prompt :]
+        for j, t in enumerate(new):
+            if t in self.llm.eos:
+                del st.tokens[st.n_prompt + j + 1 :]
+                return "eos"
+        if len(new) >= self.max_new:
+            del st.tokens[st.n_prompt + self.max_new :]
+            return "length"
+        if len(st.tokens) >= self.llm.max_context:
+            return "context"
+        if self.stops:
+            text = self.llm.tokenizer.decode(new, skip_special=True)
+            if any(s in text for s in self.stops):
+                return "stop"
+        return None
+
+    def _result(self, prompt, ids, st: State, reason: str, steps: int, pre_s: float, dec_s: float):
+        new = st.tokens[st.n_prompt :]
+        text = self.llm.tokenizer.decode(new, skip_special=True)
+        for s in self.stops:
+            if s in text:
+                text = text[: text.index(s)]
+        return GenerationResult(
+            id=None,
+            prompt=prompt,
+            prompt_ids=list(ids),
+            new_ids=new,
+            text=text,
+            new_tokens=len(new),
+            steps=steps,
+            mean_accepted=(len(new) - 1) / steps if steps else 0.0,
+            prefill_s=pre_s,
+            decode_s=dec_s,
+            tokens_per_s=len(new) / dec_s if dec_s > 0 else 0.0,
+            finish_reason=reason,
+        )

@@ -1,0 +1,203 @@
+"""The LLaMA forward over a batch descriptor.
+
+One `Batch` serves every caller: prefill chunks and decode steps of several sequences,
+FIRP trees (scratch K/V, per-row bit masks) and FIRP's pseudo rows entering at layer l.
+A layer is `run_layer(i, h, positions, attend)`: the attention strategy is a callable,
+so training can plug in a dense masked attention over the same weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from firp_engine import ops
+from firp_engine.config import ModelConfig, rope_tables
+from firp_engine.kv_cache import KVCache, Sequence
+from firp_engine.loading import Checkpoint
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class Linear:
+    """A weight [N, K] plus the backend's packed copy of it (made once)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight.contiguous()
+        self.packed = ops.call("pack_linear", self.weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.call("linear", x, self.weight, self.packed)
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    wqkv: Linear  # q, k, v stacked: one GEMM per layer instead of three
+    wo: Linear
+    ffn_norm: torch.Tensor
+    w_gate_up: Linear  # gate and up stacked
+    w_down: Linear
+
+
+@dataclass
+class SeqRows:
+    """The rows [start, end) of a batch that belong to one sequence."""
+
+    seq: Sequence
+    start: int
+    end: int
+    mask_bits: torch.Tensor | None = None  # int64 [end-start, W] over these new rows; None = causal
+
+
+@dataclass
+class Batch:
+    """What one forward computes. kind: 'decode' (one row per sequence, K/V written to the
+    cache first), 'prefill' (K/V written), 'tree' (K/V kept in `scratch` for a later commit)."""
+
+    positions: torch.Tensor  # int64 [T]
+    seqs: list[SeqRows]
+    kind: str
+    slots: torch.Tensor | None = None  # int64 [T], where K/V go for decode/prefill
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # k, v [L, S, Hkv, D] for tree
+    _decode_meta: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def n_rows(self) -> int:
+        return self.positions.shape[0]
+
+    def decode_meta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded page tables [B, P] int32 and context lengths [B] int32 (computed once per step)."""
+        if self._decode_meta is None:
+            n_pages = max(len(s.seq.pages) for s in self.seqs)
+            tables = torch.zeros(len(self.seqs), n_pages, dtype=torch.int32)
+            for b, s in enumerate(self.seqs):
+                tables[b, : len(s.seq.pages)] = s.seq.page_table
+            lens = torch.tensor([s.seq.length + 1 for s in self.seqs], dtype=torch.int32)
+            self._decode_meta = (tables, lens)
+        return self._decode_meta
+
+
+def causal_bits(n: int) -> torch.Tensor:
+    return ops.pack_mask(torch.ones(n, n, dtype=torch.bool).tril())
+
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Transformer:
+    def __init__(self, ckpt: Checkpoint, dtype: str = "fp32") -> None:
+        self.cfg: ModelConfig = ckpt.config
+        self.dtype = DTYPES[dtype]
+        w = {k: v.to(self.dtype) for k, v in ckpt.weights.items()}
+        cfg = self.cfg
+        self.embed = w["model.embed_tokens.weight"]
+        self.norm = w["model.norm.weight"]
+        self.lm_head = Linear(self.embed if cfg.tie_embeddings else w["lm_head.weight"])
+        self.layers = [self._layer(w, f"model.layers.{i}.") for i in range(cfg.n_layers)]
+        self.cos, self.sin = rope_tables(cfg, cfg.max_position)
+        self.scale = cfg.head_dim**-0.5
+        self.q_size = cfg.n_heads * cfg.head_dim
+        self.kv_size = cfg.n_kv_heads * cfg.head_dim
+        self.cache: KVCache | None = None
+
+    @staticmethod
+    def _layer(w: dict[str, torch.Tensor], p: str) -> LayerWeights:
+        qkv = torch.cat([w[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        gate_up = torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])
+        return LayerWeights(
+            attn_norm=w[p + "input_layernorm.weight"],
+            wqkv=Linear(qkv),
+            wo=Linear(w[p + "self_attn.o_proj.weight"]),
+            ffn_norm=w[p + "post_attention_layernorm.weight"],
+            w_gate_up=Linear(gate_up),
+            w_down=Linear(w[p + "mlp.down_proj.weight"]),
+        )
+
+    def new_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:
+        cfg = self.cfg
+        self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks, block_size, self.dtype)
+        return self.cache
+
+    # ------------------------------------------------------------ one layer
+
+    def run_layer(self, i: int, h: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """h [T, d] -> [T, d]. Out of place when autograd is on (training), fused in place otherwise."""
+        cfg, lw = self.cfg, self.layers[i]
+        x = ops.call("rms_norm", h, lw.attn_norm, cfg.rms_eps)
+        q, k, v = lw.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        t = h.shape[0]
+        q, k = ops.call(
+            "rope",
+            q.reshape(t, cfg.n_heads, cfg.head_dim),
+            k.reshape(t, cfg.n_kv_heads, cfg.head_dim),
+            positions,
+            self.cos,
+            self.sin,
+        )
+        o = attend(i, q, k, v.reshape(t, cfg.n_kv_heads, cfg.head_dim))
+        a = lw.wo(o.reshape(t, self.q_size))
+        if torch.is_grad_enabled():
+            h = h + a
+            x = ops.call("rms_norm", h, lw.ffn_norm, cfg.rms_eps)
+        else:
+            x, h = ops.call("add_rms_norm", a, h, lw.ffn_norm, cfg.rms_eps)
+        m = lw.w_down(ops.call("silu_mul", lw.w_gate_up(x)))
+        return h + m if torch.is_grad_enabled() else h.add_(m)
+
+    # ------------------------------------------------------------ the batch forward
+
+    def paged_attend(self, batch: Batch) -> Attend:
+        """Attention over the paged cache for `batch` (decode, prefill or tree)."""
+        cache = self.cache
+        assert cache is not None, "call new_cache() first"
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kc, vc = cache.k[i], cache.v[i]
+            if batch.scratch is not None:
+                t = q.shape[0]
+                batch.scratch[0][i, :t] = k
+                batch.scratch[1][i, :t] = v
+            if batch.slots is not None:
+                ops.call("write_kv", kc, vc, k, v, batch.slots)
+            if batch.kind == "decode":
+                tables, lens = batch.decode_meta()
+                return ops.call("paged_decode_attention", q, kc, vc, tables, lens, self.scale)
+            out = torch.empty_like(q)
+            for s in batch.seqs:
+                n = s.end - s.start
+                bits = causal_bits(n) if s.mask_bits is None else s.mask_bits
+                ops.call(
+                    "tree_attention",
+                    q[s.start : s.end],
+                    kc,
+                    vc,
+                    s.seq.page_table,
+                    s.seq.length,
+                    k[s.start : s.end],
+                    v[s.start : s.end],
+                    bits,
+                    self.scale,
+                    out=out[s.start : s.end],
+                )
+            return out
+
+        return attend
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed[ids]
+
+    def forward(
+        self, batch: Batch, h: torch.Tensor, start: int = 0, end: int | None = None
+    ) -> torch.Tensor:
+        """Run layers [start, end) on hidden rows h [T, d] (embed_tokens() for layer 0)."""
+        attend = self.paged_attend(batch)
+        for i in range(start, self.cfg.n_layers if end is None else end):
+            h = self.run_layer(i, h, batch.positions, attend)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: h [T, d] -> fp32 logits [T, V]."""
+        return self.lm_head(ops.call("rms_norm", h, self.norm, self.cfg.rms_eps)).float()
