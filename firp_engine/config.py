@@ -40,6 +40,10 @@ class ModelConfig:
         archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
         if not any(a in SUPPORTED_ARCHS for a in archs) and cfg.get("model_type") not in ("llama", "mistral"):
             raise FirpError(f"unsupported architecture {archs[0]!r} (firp-engine runs LLaMA-family models)")
+        # transformers v5 writes `rope_parameters` (theta inside); v4 `rope_theta` + `rope_scaling`.
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         try:
             n_heads = cfg["num_attention_heads"]
             hidden = cfg["hidden_size"]
@@ -53,8 +57,8 @@ class ModelConfig:
                 n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
                 head_dim=cfg.get("head_dim") or hidden // n_heads,
                 rms_eps=cfg.get("rms_norm_eps", 1e-6),
-                rope_theta=cfg.get("rope_theta", 10000.0),
-                rope_scaling=cfg.get("rope_scaling"),
+                rope_theta=theta,
+                rope_scaling=scaling,
                 max_position=cfg.get("max_position_embeddings", 2048),
                 tie_embeddings=cfg.get("tie_word_embeddings", False),
                 bos_id=cfg.get("bos_token_id"),

@@ -61,15 +61,23 @@ def default_model_path() -> Path:
     return path
 
 
+_LOADED: dict[tuple[str, float], Checkpoint] = {}
+
+
 def load(model: str | Path | None = None) -> Checkpoint:
+    """Load a checkpoint (cached per process: its tensors are never modified in place)."""
     path = Path(model) if model else default_model_path()
     if not path.exists():
         raise FirpError(f"model not found: {path}")
-    if path.is_dir():
-        return load_hf_folder(path)
-    if path.suffix != ".gguf":
-        raise FirpError(f"{path}: expected a .gguf file or a Hugging Face model folder")
-    return load_gguf(path)
+    key = (str(path.resolve()), path.stat().st_mtime)
+    if key not in _LOADED:
+        if path.is_dir():
+            _LOADED[key] = load_hf_folder(path)
+        elif path.suffix != ".gguf":
+            raise FirpError(f"{path}: expected a .gguf file or a Hugging Face model folder")
+        else:
+            _LOADED[key] = load_gguf(path)
+    return _LOADED[key]
 
 
 # ---------------------------------------------------------------- GGUF
@@ -102,7 +110,7 @@ def _dequantize(t) -> torch.Tensor:
     except NotImplementedError:
         raise FirpError(f"tensor {t.name}: unsupported GGUF quant type {t.tensor_type.name}") from None
     shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists the fastest dim first
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
+    return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
 
 
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:

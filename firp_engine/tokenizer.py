@@ -78,19 +78,22 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, fields: dict) -> Tokenizer:
-        """From a GGUF's metadata: {key: value} with the `tokenizer.ggml.*` and `tokenizer.chat_template` keys."""
+        """From GGUF metadata, {key: value}: the `tokenizer.ggml.*` keys and `tokenizer.chat_template`."""
         model = fields.get("tokenizer.ggml.model")
         tokens = fields.get("tokenizer.ggml.tokens")
         if not tokens:
             raise FirpError("the GGUF has no tokenizer (no tokenizer.ggml.tokens)")
         tokens = [str(t) for t in tokens]
         types = [int(t) for t in fields.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)]
+        if len(types) != len(tokens):
+            raise FirpError("the GGUF's tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length")
         if model == "gpt2":
             backend: _Backend = _byte_level_from_gguf(fields, tokens, types)
             default_add_bos = False
         elif model == "llama":
             # llama.cpp (like sentencepiece itself) gives every chunk between special tokens a prefix space.
-            backend = _SentencePieceBackend(_sentencepiece_proto_from_gguf(fields, tokens, types), {}, legacy=True)
+            proto = _sentencepiece_proto_from_gguf(fields, tokens, types)
+            backend = _SentencePieceBackend(proto, {}, legacy=True)
             default_add_bos = True  # llama.cpp's default for SentencePiece vocabularies
         else:
             raise FirpError(f"unsupported GGUF tokenizer model {model!r} (supported: 'gpt2', 'llama')")
@@ -99,24 +102,29 @@ class Tokenizer:
             value = fields.get(f"tokenizer.ggml.{key}")
             return int(value) if value is not None and 0 <= int(value) < len(tokens) else None
 
-        names = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
-                 "pad_token": "padding_token_id"}
+        names = {
+            "bos_token": "bos_token_id",
+            "eos_token": "eos_token_id",
+            "unk_token": "unknown_token_id",
+            "pad_token": "padding_token_id",
+        }
         special = {name: tokens[i] for name, key in names.items() if (i := token_id(key)) is not None}
-        eos_ids = {i for key in ("eos_token_id", "eot_token_id", "eom_token_id") if (i := token_id(key)) is not None}
+        eos_keys = ("eos_token_id", "eot_token_id", "eom_token_id")
+        eos_ids = {i for key in eos_keys if (i := token_id(key)) is not None}
         add_bos = fields.get("tokenizer.ggml.add_bos_token", default_add_bos)
         chat_template = fields.get("tokenizer.chat_template")
         return cls(backend, token_id("bos_token_id"), eos_ids, bool(add_bos), chat_template, special)
 
     @classmethod
     def from_hf_folder(cls, path: str | Path) -> Tokenizer:
-        """From a Hugging Face folder: `tokenizer.json` or `tokenizer.model`, plus the config files around it."""
+        """From a Hugging Face folder: `tokenizer.json` or `tokenizer.model`, and the config files."""
         folder = Path(path)
         if not folder.is_dir():
             raise FirpError(f"tokenizer folder {folder} does not exist")
         config = _read_json(folder / "tokenizer_config.json")
         special_map = _read_json(folder / "special_tokens_map.json")
         names = ("bos_token", "eos_token", "unk_token", "pad_token")
-        special = {n: t for n in names if (t := _token_content(config.get(n) or special_map.get(n))) is not None}
+        special = {n: t for n in names if (t := _token_content(config.get(n) or special_map.get(n)))}
         added = _config_added_tokens(config)
 
         if (folder / "tokenizer.json").is_file():
@@ -124,10 +132,11 @@ class Tokenizer:
             default_add_bos = post_adds_bos(special.get("bos_token"))
         elif (folder / "tokenizer.model").is_file():
             proto = (folder / "tokenizer.model").read_bytes()
-            # transformers' LlamaTokenizer (legacy=False) adds the prefix space only at the start of the text;
-            # without the flag we keep sentencepiece's own behaviour (one per chunk, as Meta's reference does).
+            # transformers' LlamaTokenizer (legacy=False) adds the prefix space only at the start of the
+            # text; without the flag we keep sentencepiece's own behaviour (one per chunk, as Meta's code).
             legacy = bool(config.get("legacy", True))
             backend = _SentencePieceBackend(proto, {**added, **_named_extras(special, added)}, legacy)
+            special = {**backend.trainer_special, **special}  # the model's own <s>, </s>, <unk> by default
             default_add_bos = False  # transformers' default when the config does not say
         else:
             raise FirpError(f"no tokenizer.json or tokenizer.model in {folder}")
@@ -161,7 +170,7 @@ class Tokenizer:
     # ---- chat --------------------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]), rendered as transformers does."""
+        """The prompt for `messages` ([{"role": ..., "content": ...}, ...]), rendered as transformers does."""
         if self.chat_template is None:
             raise FirpError("this tokenizer has no chat template")
         if not messages:
@@ -174,8 +183,11 @@ class Tokenizer:
 
         try:
             return self._template.render(
-                messages=messages, tools=None, documents=None,
-                add_generation_prompt=add_generation_prompt, **self._special_tokens,
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self._special_tokens,
             )
         except jinja2.TemplateError as e:
             raise FirpError(f"chat template: {e}") from None
@@ -243,7 +255,8 @@ def _byte_level_from_gguf(fields: dict, tokens: list[str], types: list[int]) -> 
 
     pre = fields.get("tokenizer.ggml.pre") or "default"
     if pre not in _BPE_PRE_SPLITS:
-        raise FirpError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: {', '.join(sorted(_BPE_PRE_SPLITS))})")
+        known = ", ".join(sorted(_BPE_PRE_SPLITS))
+        raise FirpError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: {known})")
     merges = fields.get("tokenizer.ggml.merges")
     if not merges:
         raise FirpError("the GGUF's BPE tokenizer has no tokenizer.ggml.merges")
@@ -253,21 +266,27 @@ def _byte_level_from_gguf(fields: dict, tokens: list[str], types: list[int]) -> 
     tk = TkTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
 
     split = _BPE_PRE_SPLITS[pre]
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None or split == _DIGITS)
+    # ByteLevel's own regex is GPT-2's split; a custom split replaces it.
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in (None, _DIGITS))
     if split is None:
         tk.pre_tokenizer = byte_level
     elif split == _DIGITS:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        tk.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
     else:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"), byte_level])
+        regex = pre_tokenizers.Split(Regex(split), "isolated")
+        tk.pre_tokenizer = pre_tokenizers.Sequence([regex, byte_level])
     tk.decoder = decoders.ByteLevel()
 
     # Control tokens (<|im_start|>...) are special: matched whole in the text, dropped by skip_special.
     # User-defined ones (<think>...) are matched whole too but are ordinary text otherwise.
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types)
-                           if k == _CONTROL])
-    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types)
-                   if k == _USER_DEFINED])
+    kinds = dict(zip(tokens, types, strict=True))
+    tk.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in kinds.items() if k == _CONTROL]
+    )
+    tk.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, k in kinds.items() if k == _USER_DEFINED]
+    )
     return _TokenizersBackend(tk)
 
 
@@ -310,10 +329,11 @@ class _SentencePieceBackend:
             self.sp = spm.SentencePieceProcessor(model_proto=proto)
         except Exception as e:  # protobuf's DecodeError or sentencepiece's RuntimeError
             raise FirpError(f"not a valid SentencePiece model: {e}") from None
+        self.legacy = legacy
         self.dummy_prefix = model.normalizer_spec.add_dummy_prefix
         model.normalizer_spec.add_dummy_prefix = False
         self.sp_bare = spm.SentencePieceProcessor(model_proto=model.SerializeToString())
-        self.legacy = legacy
+        self.trainer_special = _trainer_special_tokens(model)
 
         pieces = model.pieces
         self.vocab: dict[str, int] = {}
@@ -322,16 +342,17 @@ class _SentencePieceBackend:
         # Control and unknown pieces are special: matched in the text, dropped by skip_special. User-defined
         # pieces are left to sentencepiece, which emits them whole.
         self.added = {p.piece: i for i, p in enumerate(pieces) if p.type in (_UNKNOWN, _CONTROL)}
-        self.special_ids = set(self.added.values())
-        self.piece_bytes = [_piece_bytes(p.piece, p.type) for p in pieces]
+        user_defined = {p.piece for p in pieces if p.type == _USER_DEFINED}
         # Config tokens without an id, and not in the vocabulary, are appended to it (as transformers does).
         for token, i in extra_added.items():
-            if i is None:
-                i = self.vocab.get(token, max(len(pieces), max(self.added.values(), default=-1) + 1))
-            self.added[token] = self.vocab.setdefault(token, i)
-            self.special_ids.add(self.added[token])
+            if token not in user_defined:
+                next_id = max(len(pieces), max(self.added.values(), default=-1) + 1)
+                self.added[token] = self.vocab.setdefault(token, next_id if i is None else i)
+        self.special_ids = set(self.added.values())
         self.vocab_size = max(len(pieces), max(self.added.values(), default=-1) + 1)
-        self.piece_bytes += [b""] * (self.vocab_size - len(self.piece_bytes))
+
+        self.piece_bytes = [_piece_bytes(p.piece, p.type) for p in pieces]
+        self.piece_bytes += [b""] * (self.vocab_size - len(pieces))
         for token, i in self.added.items():
             self.piece_bytes[i] = token.encode()
         alternatives = "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True) if t)
@@ -358,8 +379,9 @@ class _SentencePieceBackend:
 
     def decode(self, ids: list[int], skip_special: bool) -> str:
         n = self.vocab_size
-        data = b"".join(self.piece_bytes[i] for i in ids
-                        if 0 <= i < n and not (skip_special and i in self.special_ids))
+        data = b"".join(
+            self.piece_bytes[i] for i in ids if 0 <= i < n and not (skip_special and i in self.special_ids)
+        )
         text = data.decode("utf-8", errors="replace")
         # The dummy prefix space is not part of the text.
         return text[1:] if self.dummy_prefix and text.startswith(" ") else text
@@ -374,6 +396,18 @@ def _piece_bytes(piece: str, kind: int) -> bytes:
     return piece.replace("\u2581", " ").encode()
 
 
+def _trainer_special_tokens(model: Any) -> dict[str, str]:
+    """The bos/eos/unk/pad pieces a SentencePiece model declares, as {"bos_token": "<s>", ...}."""
+    spec = model.trainer_spec
+    ids = {
+        "bos_token": spec.bos_id,
+        "eos_token": spec.eos_id,
+        "unk_token": spec.unk_id,
+        "pad_token": spec.pad_id,
+    }
+    return {name: model.pieces[i].piece for name, i in ids.items() if 0 <= i < len(model.pieces)}
+
+
 def _sentencepiece_proto_from_gguf(fields: dict, tokens: list[str], types: list[int]) -> bytes:
     """A SentencePiece BPE model with the GGUF's pieces, scores and types (as llama.cpp tokenizes them)."""
     from sentencepiece import sentencepiece_model_pb2 as pb
@@ -382,7 +416,7 @@ def _sentencepiece_proto_from_gguf(fields: dict, tokens: list[str], types: list[
     if scores is None or len(scores) != len(tokens):
         raise FirpError("the GGUF's SentencePiece tokenizer has no tokenizer.ggml.scores")
     model = pb.ModelProto()
-    for token, score, kind in zip(tokens, scores, types):
+    for token, score, kind in zip(tokens, scores, types, strict=True):
         model.pieces.add(piece=token, score=float(score), type=kind)
     spec = model.trainer_spec
     spec.model_type = pb.TrainerSpec.BPE
@@ -424,7 +458,7 @@ def _config_added_tokens(config: dict) -> dict[str, int]:
 
 
 def _named_extras(special: dict[str, str], added: dict[str, int]) -> dict[str, int | None]:
-    """Named special tokens (bos, eos, ...) not in `added_tokens_decoder`: their id comes from the vocabulary."""
+    """Named special tokens (bos, eos...) not in `added_tokens_decoder`: ids come from the vocabulary."""
     return {t: None for t in special.values() if t not in added}
 
 
@@ -450,7 +484,7 @@ def _folder_chat_template(folder: Path, config: dict) -> str | None:
 
 
 def _compile_chat_template(source: str) -> Any:
-    """The template in an environment that renders like transformers' (sandboxed, same options and globals)."""
+    """The template in an environment that renders like transformers' (sandboxed, same options)."""
     from datetime import datetime
 
     import jinja2
@@ -458,7 +492,7 @@ def _compile_chat_template(source: str) -> Any:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class GenerationTag(jinja2.ext.Extension):
-        # `{% generation %}...{% endgeneration %}` marks assistant text for training masks; here it is a no-op.
+        # `{% generation %}...{% endgeneration %}` marks assistant text for training masks; a no-op here.
         tags = {"generation"}
 
         def parse(self, parser: Any) -> Any:
@@ -472,10 +506,13 @@ def _compile_chat_template(source: str) -> Any:
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys=False
+    ):
         # Jinja's own tojson escapes HTML characters; chat templates expect plain JSON.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]

@@ -45,7 +45,7 @@ def attend_paged(
     offs_d = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
-        valid = t < hi + 1
+        valid = t < hi
         page = tl.load(pt_ptr + t // BS, mask=valid, other=0).to(tl.int64)
         off = page[:, None] * stride_kb + (t % BS)[:, None] * stride_kt + offs_d[None, :]
         kv_mask = valid[:, None] & (offs_d[None, :] < D)

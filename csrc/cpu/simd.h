@@ -60,6 +60,14 @@ inline vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
 inline vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline vf max(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline vf div(vf a, vf b) { return _mm512_div_ps(a, b); }
+// Rounds to the nearest bf16 value (kept as float): an intermediate torch stores in bf16.
+inline vf round_bf16(vf v) {
+  __m512i u = _mm512_castps_si512(v);
+  __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                  _mm512_set1_epi32(0x7FFF));
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(u, bias), _mm512_set1_epi32(int(0xFFFF0000u))));
+}
 inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
 inline float hmax(vf v) { return _mm512_reduce_max_ps(v); }
 inline vf load(const bf16_t* p) {
@@ -109,6 +117,13 @@ inline vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
 inline vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 inline vf max(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline vf div(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf round_bf16(vf v) {
+  __m256i u = _mm256_castps_si256(v);
+  __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                  _mm256_set1_epi32(0x7FFF));
+  return _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(u, bias), _mm256_set1_epi32(int(0xFFFF0000u))));
+}
 inline float hsum(vf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -180,6 +195,8 @@ inline vf add(vf a, vf b) { FIRP_LANES(r.v[i] = a.v[i] + b.v[i]); }
 inline vf sub(vf a, vf b) { FIRP_LANES(r.v[i] = a.v[i] - b.v[i]); }
 inline vf mul(vf a, vf b) { FIRP_LANES(r.v[i] = a.v[i] * b.v[i]); }
 inline vf max(vf a, vf b) { FIRP_LANES(r.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]); }
+inline vf div(vf a, vf b) { FIRP_LANES(r.v[i] = a.v[i] / b.v[i]); }
+inline vf round_bf16(vf v) { FIRP_LANES(r.v[i] = round_to<bf16_t>(v.v[i])); }
 inline vf load(const bf16_t* p) { FIRP_LANES(r.v[i] = bf16_to_float(p[i])); }
 inline vf exp2(vf x) { FIRP_LANES(r.v[i] = x.v[i] <= -127.f ? 0.f : std::exp2(x.v[i])); }
 #undef FIRP_LANES

@@ -108,11 +108,11 @@ cudaError_t launch_kv_commit(FirpDtype dtype,
 
 // out row j * k + i = weight[i] @ h[j] + bias[i] (fp32 accumulation).
 cudaError_t launch_firp_project(FirpDtype act_dtype,      // h / out
-                                FirpDtype weight_dtype,   // weight / bias
+                                FirpDtype weight_dtype,   // weight
                                 const void* h,            // [n, d], rows h_stride apart
                                 int64_t h_stride,         //
                                 const void* weight,       // [k, d, d] contiguous (out x in)
-                                const void* bias,         // [k, d] or NULL
+                                const float* bias,        // [k, d] fp32, or NULL
                                 void* out,                // [n * k, d], rows out_stride apart
                                 int64_t out_stride,       //
                                 int n, int k, int d, cudaStream_t stream);

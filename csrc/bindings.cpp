@@ -1,0 +1,64 @@
+// pybind11 module firp_engine._C: the CPU ops (names and keywords as in firp_engine/ops.py)
+// and, in CUDA builds, the CUDA ops under a `cuda_` prefix (registered by csrc/cuda).
+#include <torch/csrc/utils/pybind.h>
+
+#include "cpu/cpu_ops.h"
+
+#ifdef FIRP_WITH_CUDA
+#include "cuda/launchers.h"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+// The SIMD code path this build compiled in (chosen from the compiler flags).
+const char* cpu_isa() {
+#if defined(__AVX512BF16__)
+  return "avx512bf16";
+#elif defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "firp-engine kernels (CPU C++; CUDA ops prefixed cuda_ when built with CUDA)";
+  m.attr("cpu_isa") = cpu_isa();
+  m.attr("simd_width") = firp::simd::W;
+#ifdef FIRP_WITH_CUDA
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+  const auto none = py::none();
+
+  m.def("rms_norm", &firp::rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out") = none);
+  m.def("add_rms_norm", &firp::add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"),
+        py::arg("eps"));
+  m.def("rope", &firp::rope, py::arg("q"), py::arg("k"), py::arg("positions"), py::arg("cos"), py::arg("sin"));
+  m.def("silu_mul", &firp::silu_mul, py::arg("gate_up"), py::arg("out") = none);
+  m.def("pack_linear", &firp::pack_linear, py::arg("weight"));
+  m.def("linear", &firp::linear, py::arg("x"), py::arg("weight"), py::arg("packed"));
+  m.def("write_kv", &firp::write_kv, py::arg("k_cache"), py::arg("v_cache"), py::arg("k"), py::arg("v"),
+        py::arg("slots"));
+  m.def("paged_decode_attention", &firp::paged_decode_attention, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("page_tables"), py::arg("context_lens"), py::arg("scale"),
+        py::arg("out") = none);
+  m.def("tree_attention", &firp::tree_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("page_table"), py::arg("prefix_len"), py::arg("k_new"), py::arg("v_new"), py::arg("mask_bits"),
+        py::arg("scale"), py::arg("out") = none);
+  m.def("firp_project", &firp::firp_project, py::arg("h"), py::arg("weight"), py::arg("bias"),
+        py::arg("out") = none);
+  m.def("kv_commit", &firp::kv_commit, py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scratch"),
+        py::arg("v_scratch"), py::arg("src_rows"), py::arg("dst_slots"));
+
+#ifdef FIRP_WITH_CUDA
+  register_cuda(m);
+#endif
+}

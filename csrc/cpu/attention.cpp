@@ -1,0 +1,507 @@
+// Paged decode attention and tree attention on the CPU, as one flash-attention style kernel.
+//
+// Work is cut into items: (sequence, kv head, block of query rows, range of keys). The query
+// rows of an item are the g = H / Hkv heads that share one kv head, times the item's tokens,
+// so every key/value row loaded is used by all of them (GQA). An item walks its keys in
+// blocks of KB with an online softmax (exp2 domain, the scale folded into q) and leaves a
+// partial (max, sum, unnormalised output); a last pass merges the partials of the key
+// ranges by log-sum-exp. Tree attention's keys are the paged prefix (no mask) followed by
+// the step's scratch rows under the bit mask; the scratch goes with the last key range.
+//
+// Two inner paths: few rows (decode) computes each score as a dot product straight from
+// the cache; many rows (tree, prefill) transposes a block of keys once and runs register
+// tiles of 4 rows x KB keys over it, like a small GEMM.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "cpu_ops.h"
+
+namespace firp {
+namespace {
+
+using namespace simd;
+constexpr int KB = 2 * W;          // keys per block
+constexpr int MR = 4;              // query rows per register tile
+constexpr int ROWS_PER_ITEM = 32;  // query rows per work item
+constexpr int64_t MAX_D = 256;
+constexpr int64_t KEYS_PER_SPLIT = 256;  // do not split key ranges finer than this
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------- block kernels
+
+// s[r][i] = q[r] . k[i] for R (<= MR) rows, dot-product form.
+template <int R, typename T>
+inline void scores_dot(const float* q,       // [R, D]
+                       const T* const* kp,   // [n] key rows [D]
+                       int n, int64_t D,
+                       float* s) {           // [R, KB]
+  for (int i = 0; i < n; ++i) {
+    vf acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = zero();
+    for (int64_t c = 0; c < D; c += W) {
+      const vf kv = load(kp[i] + c);
+      for (int r = 0; r < R; ++r) acc[r] = fma(load(q + r * D + c), kv, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) s[r * KB + i] = hsum(acc[r]);
+  }
+}
+
+// s[r][:] = q[r] . kt for R (<= MR) rows against a transposed key block.
+template <int R>
+inline void scores_tile(const float* q,    // [R, D]
+                        const float* kt,   // [D, KB]
+                        int64_t D,
+                        float* s) {        // [R, KB]
+  constexpr int NK = KB / W;
+  vf acc[R][NK];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NK; ++j) acc[r][j] = zero();
+  for (int64_t d = 0; d < D; ++d) {
+    vf kv[NK];
+    for (int j = 0; j < NK; ++j) kv[j] = load(kt + d * KB + j * W);
+    for (int r = 0; r < R; ++r) {
+      const vf qb = set1(q[r * D + d]);
+      for (int j = 0; j < NK; ++j) acc[r][j] = fma(qb, kv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NK; ++j) store(s + r * KB + j * W, acc[r][j]);
+}
+
+// Masks out keys >= n and those whose bit is clear, then turns the scores into
+// probabilities against the running max m (updated with l) and returns the factor the
+// accumulated output must be scaled by.
+inline void softmax_rows(float* s,                // [R, KB] log2-domain scores -> probabilities
+                         int R, int n,
+                         const uint64_t* bits,    // [R] visibility of the block's keys, or null
+                         float* m, float* l,      // [R] running max and sum
+                         float* alpha) {          // [R] out
+  for (int r = 0; r < R; ++r) {
+    float* sr = s + r * KB;
+    for (int i = n; i < KB; ++i) sr[i] = NEG_INF;
+    if (bits)
+      for (int i = 0; i < n; ++i)
+        if (!((bits[r] >> i) & 1)) sr[i] = NEG_INF;
+    vf mx = load(sr);
+    for (int j = W; j < KB; j += W) mx = max(mx, load(sr + j));
+    const float m_new = std::max(m[r], hmax(mx));
+    if (m_new == NEG_INF) {  // nothing visible to this row yet
+      std::fill(sr, sr + KB, 0.f);
+      alpha[r] = 1.f;
+      continue;
+    }
+    alpha[r] = std::exp2(m[r] - m_new);
+    vf sum = zero();
+    for (int j = 0; j < KB; j += W) {
+      const vf p = exp2(sub(load(sr + j), set1(m_new)));
+      store(sr + j, p);
+      sum = add(sum, p);
+    }
+    l[r] = l[r] * alpha[r] + hsum(sum);
+    m[r] = m_new;
+  }
+}
+
+// o[r][c : c + NV*W] = alpha[r] * o[r][...] + sum_i p[r][i] * v[i][...] for R rows.
+template <int R, int NV, typename VT>
+inline void pv_chunk(float* o,              // [R, D]
+                     const float* p,        // [R, KB]
+                     const float* alpha,    // [R]
+                     const VT* const* vp,   // [n] value rows [D]
+                     int n, int64_t c, int64_t D) {
+  vf acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    const vf a = set1(alpha[r]);
+    for (int j = 0; j < NV; ++j) acc[r][j] = mul(load(o + r * D + c + j * W), a);
+  }
+  for (int i = 0; i < n; ++i) {
+    vf vv[NV];
+    for (int j = 0; j < NV; ++j) vv[j] = load(vp[i] + c + j * W);
+    for (int r = 0; r < R; ++r) {
+      const vf pb = set1(p[r * KB + i]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = fma(pb, vv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) store(o + r * D + c + j * W, acc[r][j]);
+}
+
+template <int R, typename VT>
+inline void pv_rows(float* o, const float* p, const float* alpha, const VT* const* vp, int n, int64_t D) {
+  int64_t c = 0;
+  for (; c + 2 * W <= D; c += 2 * W) pv_chunk<R, 2>(o, p, alpha, vp, n, c, D);
+  for (; c < D; c += W) pv_chunk<R, 1>(o, p, alpha, vp, n, c, D);
+}
+
+// The online-softmax state of one item's query rows, in per-thread buffers.
+struct Rows {
+  int R = 0;
+  int64_t D = 0;
+  float* q;      // [R, D] queries, scaled by scale * log2(e)
+  float* o;      // [R, D] unnormalised output
+  float* m;      // [R]
+  float* l;      // [R]
+  float* s;      // [R, KB] scores / probabilities of the current block
+  float* kt;     // [D, KB] transposed key block
+  float* vb;     // [KB, D] value block as floats
+};
+
+// Rows [r0, r0 + R) (R <= MR) of an item against one key block.
+template <int R, typename T>
+inline void block_rows(Rows& st, int r0, const T* const* kp, const T* const* vp, const float* const* vfp, int n,
+                       const uint64_t* bits, bool transposed) {
+  const int64_t D = st.D;
+  float* q = st.q + r0 * D;
+  float* s = st.s + r0 * KB;
+  if (transposed) scores_tile<R>(q, st.kt, D, s);
+  else scores_dot<R>(q, kp, n, D, s);
+  float alpha[R];
+  softmax_rows(s, R, n, bits ? bits + r0 : nullptr, st.m + r0, st.l + r0, alpha);
+  if (vfp) pv_rows<R>(st.o + r0 * D, s, alpha, vfp, n, D);
+  else pv_rows<R>(st.o + r0 * D, s, alpha, vp, n, D);
+}
+
+template <typename T>
+inline void block_tile(Rows& st, int r0, int R, const T* const* kp, const T* const* vp, const float* const* vfp,
+                       int n, const uint64_t* bits, bool transposed) {
+  switch (R) {
+    case 1: block_rows<1>(st, r0, kp, vp, vfp, n, bits, transposed); break;
+    case 2: block_rows<2>(st, r0, kp, vp, vfp, n, bits, transposed); break;
+    case 3: block_rows<3>(st, r0, kp, vp, vfp, n, bits, transposed); break;
+    default: block_rows<4>(st, r0, kp, vp, vfp, n, bits, transposed); break;
+  }
+}
+
+// All rows of an item against n <= KB keys (row pointers kp/vp); bits: per-row visibility.
+template <typename T>
+void attend_block(Rows& st, const T* const* kp, const T* const* vp, int n, const uint64_t* bits) {
+  const int64_t D = st.D;
+  if (st.R <= MR) {  // few rows: dot products straight from the cache
+    block_tile(st, 0, st.R, kp, vp, static_cast<const float* const*>(nullptr), n, bits, false);
+    return;
+  }
+  for (int i = 0; i < KB; ++i)  // many rows: transpose the keys once for all row tiles
+    for (int64_t d = 0; d < D; ++d) st.kt[d * KB + i] = i < n ? to_float(kp[i][d]) : 0.f;
+  const float* vf_rows[KB];
+  const float* const* vfp = nullptr;
+  if constexpr (std::is_same_v<T, bf16_t>) {  // and convert the values once
+    for (int i = 0; i < n; ++i) {
+      for (int64_t c = 0; c < D; c += W) store(st.vb + i * D + c, load(vp[i] + c));
+      vf_rows[i] = st.vb + i * D;
+    }
+    vfp = vf_rows;
+  }
+  for (int r0 = 0; r0 < st.R; r0 += MR) block_tile(st, r0, std::min(MR, st.R - r0), kp, vp, vfp, n, bits, true);
+}
+
+// ---------------------------------------------------------------- items
+
+// Everything about one call that items need (element types are resolved by templates).
+struct Problem {
+  const void* q;                  // [T or B, H, D]
+  int64_t q_s0, q_s1;
+  bool q_bf16;
+  int64_t H, Hkv, D, g;
+  float qscale;                   // scale * log2(e)
+  const void* kc;                 // [NB, BS, Hkv, D] contiguous
+  const void* vc;
+  int64_t bs;
+  const int32_t* pages;           // [B, P]
+  int64_t pages_ld;
+  const void* kn;                 // scratch rows [S, Hkv, D] (tree only)
+  const void* vn;
+  int64_t kn_s0, kn_s1, vn_s0, vn_s1, S;
+  const int64_t* mask;            // [T, mask_ld]
+  int64_t mask_ld;
+};
+
+struct Item {
+  int64_t seq, h, r0, nr;  // rows [r0, r0 + nr) of the (seq, kv head) row space: row = t * g + j
+  int64_t k0, k1;          // prefix keys [k0, k1)
+  bool scratch;            // also the scratch rows (tree attention, last key range)
+};
+
+// Token and head of row r of an item: decode has one token per sequence, tree one sequence.
+inline int64_t row_token(const Problem& pb, const Item& it, int64_t r) { return it.seq + (it.r0 + r) / pb.g; }
+inline int64_t row_head(const Problem& pb, const Item& it, int64_t r) { return it.h * pb.g + (it.r0 + r) % pb.g; }
+
+template <typename TQ>
+void load_queries(const Problem& pb, const Item& it, Rows& st) {
+  for (int r = 0; r < st.R; ++r) {
+    const TQ* src = static_cast<const TQ*>(pb.q) + row_token(pb, it, r) * pb.q_s0 + row_head(pb, it, r) * pb.q_s1;
+    for (int64_t c = 0; c < pb.D; c += W) store(st.q + r * pb.D + c, mul(load(src + c), set1(pb.qscale)));
+  }
+}
+
+template <typename TC, typename TS>
+void run_item(const Problem& pb, const Item& it, Rows& st) {
+  st.R = int(it.nr);
+  st.D = pb.D;
+  if (pb.q_bf16) load_queries<bf16_t>(pb, it, st);
+  else load_queries<float>(pb, it, st);
+  std::fill(st.o, st.o + st.R * pb.D, 0.f);
+  std::fill(st.m, st.m + st.R, NEG_INF);
+  std::fill(st.l, st.l + st.R, 0.f);
+  const TC* kp[KB];
+  const TC* vp[KB];
+  // paged prefix, no mask
+  const TC* kc = static_cast<const TC*>(pb.kc);
+  const TC* vc = static_cast<const TC*>(pb.vc);
+  const int32_t* pages = pb.pages + it.seq * pb.pages_ld;
+  const int64_t row_ld = pb.Hkv * pb.D;
+  for (int64_t b0 = it.k0; b0 < it.k1; b0 += KB) {
+    const int n = int(std::min<int64_t>(KB, it.k1 - b0));
+    for (int i = 0; i < n; ++i) {
+      const int64_t t = b0 + i;
+      const int64_t off = (int64_t(pages[t / pb.bs]) * pb.bs + t % pb.bs) * row_ld + it.h * pb.D;
+      kp[i] = kc + off;
+      vp[i] = vc + off;
+    }
+    attend_block(st, kp, vp, n, nullptr);
+  }
+  if (!it.scratch) return;
+  // scratch rows under the bit mask; blocks start at multiples of KB so never straddle a word
+  const TS* kn = static_cast<const TS*>(pb.kn);
+  const TS* vn = static_cast<const TS*>(pb.vn);
+  const TS* skp[KB];
+  const TS* svp[KB];
+  uint64_t bits[ROWS_PER_ITEM];
+  for (int64_t j0 = 0; j0 < pb.S; j0 += KB) {
+    const int n = int(std::min<int64_t>(KB, pb.S - j0));
+    const uint64_t keep = (1ull << n) - 1;  // n <= 32
+    uint64_t any = 0;
+    for (int r = 0; r < st.R; ++r) {
+      const uint64_t word = uint64_t(pb.mask[row_token(pb, it, r) * pb.mask_ld + j0 / 64]);
+      bits[r] = (word >> (j0 % 64)) & keep;
+      any |= bits[r];
+    }
+    if (!any) continue;
+    for (int i = 0; i < n; ++i) {
+      skp[i] = kn + (j0 + i) * pb.kn_s0 + it.h * pb.kn_s1;
+      svp[i] = vn + (j0 + i) * pb.vn_s0 + it.h * pb.vn_s1;
+    }
+    attend_block(st, skp, svp, n, bits);
+  }
+}
+
+// Items of one (sequence, kv head, row block): consecutive in the item list.
+struct Group {
+  int64_t first, count;
+};
+
+// Merges a group's partials by log-sum-exp and writes the output rows.
+template <typename TO>
+void merge_group(const Problem& pb, const Item* items, const Group& gr, const float* part_o, const float* part_ml,
+                 void* out, int64_t o_s0, int64_t o_s1) {
+  const Item& it = items[gr.first];
+  const int64_t D = pb.D;
+  std::vector<float> acc(D);
+  for (int64_t r = 0; r < it.nr; ++r) {
+    float m = NEG_INF;
+    for (int64_t s = 0; s < gr.count; ++s) m = std::max(m, part_ml[((gr.first + s) * ROWS_PER_ITEM + r) * 2]);
+    float l = 0.f;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t s = 0; s < gr.count; ++s) {
+      const int64_t slot = (gr.first + s) * ROWS_PER_ITEM + r;
+      const float ms = part_ml[slot * 2];
+      if (ms == NEG_INF) continue;  // this key range showed the row nothing
+      const float w = std::exp2(ms - m);
+      l += w * part_ml[slot * 2 + 1];
+      const vf wv = set1(w);
+      for (int64_t c = 0; c < D; c += W) store(acc.data() + c, fma(load(part_o + slot * D + c), wv, load(acc.data() + c)));
+    }
+    TO* dst = static_cast<TO*>(out) + row_token(pb, it, r) * o_s0 + row_head(pb, it, r) * o_s1;
+    const vf inv = set1(1.f / l);
+    for (int64_t c = 0; c < D; c += W) store(dst + c, mul(load(acc.data() + c), inv));
+  }
+}
+
+// Runs all items in parallel, then the merges; out [.., H, D] has a contiguous last dim.
+template <typename TC, typename TS>
+void run_all(const Problem& pb, const std::vector<Item>& items, const std::vector<Group>& groups, at::Tensor& out) {
+  const int64_t D = pb.D;
+  std::vector<float> part_o(items.size() * ROWS_PER_ITEM * D);
+  std::vector<float> part_ml(items.size() * ROWS_PER_ITEM * 2);
+  at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> buf(ROWS_PER_ITEM * (2 * D + 2 + KB) + D * KB + KB * D);
+    Rows st;
+    st.q = buf.data();
+    st.o = st.q + ROWS_PER_ITEM * D;
+    st.m = st.o + ROWS_PER_ITEM * D;
+    st.l = st.m + ROWS_PER_ITEM;
+    st.s = st.l + ROWS_PER_ITEM;
+    st.kt = st.s + ROWS_PER_ITEM * KB;
+    st.vb = st.kt + D * KB;
+    for (int64_t i = i0; i < i1; ++i) {
+      run_item<TC, TS>(pb, items[i], st);
+      std::copy(st.o, st.o + st.R * D, part_o.data() + i * ROWS_PER_ITEM * D);
+      for (int r = 0; r < st.R; ++r) {
+        part_ml[(i * ROWS_PER_ITEM + r) * 2] = st.m[r];
+        part_ml[(i * ROWS_PER_ITEM + r) * 2 + 1] = st.l[r];
+      }
+    }
+  });
+  at::parallel_for(0, int64_t(groups.size()), 4, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      if (out.scalar_type() == at::kBFloat16)
+        merge_group<bf16_t>(pb, items.data(), groups[g], part_o.data(), part_ml.data(), out.data_ptr(),
+                            out.stride(0), out.stride(1));
+      else
+        merge_group<float>(pb, items.data(), groups[g], part_o.data(), part_ml.data(), out.data_ptr(),
+                           out.stride(0), out.stride(1));
+    }
+  });
+}
+
+// Appends the items of one (sequence, kv head): row blocks x key ranges.
+void add_items(std::vector<Item>& items, std::vector<Group>& groups, int64_t seq, int64_t h, int64_t rows,
+               int64_t n_prefix, int64_t splits, bool scratch) {
+  for (int64_t r0 = 0; r0 < rows; r0 += ROWS_PER_ITEM) {
+    groups.push_back({int64_t(items.size()), splits});
+    const int64_t nr = std::min<int64_t>(ROWS_PER_ITEM, rows - r0);
+    // split points on multiples of KB so that blocks stay whole
+    const int64_t blocks = (n_prefix + KB - 1) / KB;
+    for (int64_t s = 0; s < splits; ++s) {
+      const int64_t k0 = std::min(n_prefix, blocks * s / splits * KB);
+      const int64_t k1 = std::min(n_prefix, blocks * (s + 1) / splits * KB);
+      items.push_back({seq, h, r0, nr, k0, k1, scratch && s == splits - 1});
+    }
+  }
+}
+
+// Key ranges per row block: enough items to keep every thread busy, none tiny.
+int64_t choose_splits(int64_t n_groups, int64_t n_prefix) {
+  const int64_t want = (4 * at::get_num_threads() + n_groups - 1) / std::max<int64_t>(1, n_groups);
+  return std::max<int64_t>(1, std::min(want, n_prefix / KEYS_PER_SPLIT));
+}
+
+void check_heads(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const char* name) {
+  check_cpu(q, name);
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), name,
+              ": expected q [T, H, D] and caches [NB, BS, Hkv, D], got ", q.sizes(), " and ", k_cache.sizes());
+  const int64_t H = q.size(1), Hkv = k_cache.size(2), D = q.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && Hkv > 0 && H % Hkv == 0, name, ": q ", q.sizes(), " does not match cache ",
+              k_cache.sizes());
+  TORCH_CHECK(D % W == 0 && D <= MAX_D, name, ": head_dim ", D, " must be a multiple of ", W, " and <= ", MAX_D);
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), name, ": k and v caches differ in dtype");
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& pages,
+                     double scale) {
+  Problem pb{};
+  pb.q = q.data_ptr();
+  pb.q_s0 = q.stride(0);
+  pb.q_s1 = q.stride(1);
+  pb.q_bf16 = q.scalar_type() == at::kBFloat16;
+  pb.H = q.size(1);
+  pb.Hkv = kc.size(2);
+  pb.D = q.size(2);
+  pb.g = pb.H / pb.Hkv;
+  pb.qscale = float(scale) * LOG2E;
+  pb.kc = kc.data_ptr();
+  pb.vc = vc.data_ptr();
+  pb.bs = kc.size(1);
+  pb.pages = ptr<int32_t>(pages);
+  pb.pages_ld = pages.size(-1);
+  return pb;
+}
+
+void check_pages(const int32_t* pages, int64_t n_tokens, int64_t bs, int64_t max_pages, int64_t n_blocks,
+                 const char* name) {
+  const int64_t n = (n_tokens + bs - 1) / bs;
+  TORCH_CHECK(n <= max_pages, name, ": ", n_tokens, " tokens need ", n, " pages, the page table has ", max_pages);
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(pages[i] >= 0 && pages[i] < n_blocks, name, ": page ", pages[i], " is outside [0, ", n_blocks, ")");
+}
+
+// Output buffer with a contiguous last dim: `out` when usable, else a new tensor.
+at::Tensor out_buffer(const OptTensor& out, const at::Tensor& q) {
+  if (out && out->sizes() == q.sizes() && out->scalar_type() == q.scalar_type() && out->stride(-1) == 1) return *out;
+  return at::empty(q.sizes(), q.options());
+}
+
+template <typename F>
+void dispatch_kv(const at::Tensor& cache, const at::Tensor& scratch, F&& f) {
+  dispatch_float(cache, "kv cache", [&](auto ct) {
+    dispatch_float(scratch, "scratch kv", [&](auto st) { f(ct, st); });
+  });
+}
+
+}  // namespace
+
+at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache_in, const at::Tensor& v_cache_in,
+                                  const at::Tensor& page_tables_in, const at::Tensor& context_lens_in, double scale,
+                                  const OptTensor& out) {
+  check_heads(q_in, k_cache_in, v_cache_in, "paged_decode_attention");
+  const at::Tensor q = rows_contig(q_in), kc = k_cache_in.contiguous(), vc = v_cache_in.contiguous();
+  const at::Tensor pages = page_tables_in.to(at::kInt).contiguous();
+  const at::Tensor lens = context_lens_in.to(at::kLong).contiguous();
+  const int64_t B = q.size(0);
+  TORCH_CHECK(pages.dim() == 2 && pages.size(0) == B && lens.numel() == B,
+              "paged_decode_attention: expected page_tables [", B, ", P] and context_lens [", B, "], got ",
+              pages.sizes(), " and ", lens.sizes());
+  at::Tensor res = out_buffer(out, q);
+  if (B == 0) return out ? *out : res;
+  Problem pb = make_problem(q, kc, vc, pages, scale);
+  const int64_t* len = ptr<int64_t>(lens);
+  for (int64_t b = 0; b < B; ++b)
+    check_pages(pb.pages + b * pb.pages_ld, len[b], pb.bs, pb.pages_ld, kc.size(0), "paged_decode_attention");
+  std::vector<Item> items;
+  std::vector<Group> groups;
+  const int64_t row_blocks = (pb.g + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < pb.Hkv; ++h)
+      add_items(items, groups, b, h, pb.g, len[b], choose_splits(B * pb.Hkv * row_blocks, len[b]), false);
+  dispatch_float(kc, "kv cache", [&](auto ct) {
+    using TC = decltype(ct);
+    run_all<TC, TC>(pb, items, groups, res);
+  });
+  if (out && !res.is_same(*out)) out->copy_(res);
+  return out ? *out : res;
+}
+
+at::Tensor tree_attention(const at::Tensor& q_in, const at::Tensor& k_cache_in, const at::Tensor& v_cache_in,
+                          const at::Tensor& page_table_in, int64_t prefix_len, const at::Tensor& k_new_in,
+                          const at::Tensor& v_new_in, const at::Tensor& mask_in, double scale, const OptTensor& out) {
+  check_heads(q_in, k_cache_in, v_cache_in, "tree_attention");
+  const at::Tensor q = rows_contig(q_in), kc = k_cache_in.contiguous(), vc = v_cache_in.contiguous();
+  const at::Tensor pages = page_table_in.to(at::kInt).contiguous().view({1, page_table_in.numel()});
+  const at::Tensor kn = rows_contig(k_new_in), vn = rows_contig(v_new_in);
+  const at::Tensor mask = mask_in.to(at::kLong).contiguous();
+  const int64_t T = q.size(0), S = kn.size(0);
+  TORCH_CHECK(kn.dim() == 3 && kn.sizes() == vn.sizes() && kn.size(1) == kc.size(2) && kn.size(2) == q.size(2),
+              "tree_attention: k_new/v_new must be [S, ", kc.size(2), ", ", q.size(2), "], got ", kn.sizes());
+  TORCH_CHECK(kn.scalar_type() == vn.scalar_type(), "tree_attention: k_new and v_new differ in dtype");
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == T && mask.size(1) * 64 >= S,
+              "tree_attention: mask_bits must be [", T, ", ", (S + 63) / 64, "], got ", mask.sizes());
+  TORCH_CHECK(prefix_len >= 0, "tree_attention: negative prefix_len");
+  at::Tensor res = out_buffer(out, q);
+  if (T == 0) return out ? *out : res;
+  Problem pb = make_problem(q, kc, vc, pages, scale);
+  check_pages(pb.pages, prefix_len, pb.bs, pb.pages_ld, kc.size(0), "tree_attention");
+  pb.kn = kn.data_ptr();
+  pb.vn = vn.data_ptr();
+  pb.kn_s0 = kn.stride(0);
+  pb.kn_s1 = kn.stride(1);
+  pb.vn_s0 = vn.stride(0);
+  pb.vn_s1 = vn.stride(1);
+  pb.S = S;
+  pb.mask = ptr<int64_t>(mask);
+  pb.mask_ld = mask.size(1);
+  std::vector<Item> items;
+  std::vector<Group> groups;
+  const int64_t rows = T * pb.g;
+  const int64_t row_blocks = (rows + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+  const int64_t splits = choose_splits(pb.Hkv * row_blocks, prefix_len);
+  for (int64_t h = 0; h < pb.Hkv; ++h) add_items(items, groups, 0, h, rows, prefix_len, splits, true);
+  dispatch_kv(kc, kn, [&](auto ct, auto st) { run_all<decltype(ct), decltype(st)>(pb, items, groups, res); });
+  if (out && !res.is_same(*out)) out->copy_(res);
+  return out ? *out : res;
+}
+
+}  // namespace firp

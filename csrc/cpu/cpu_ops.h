@@ -1,0 +1,68 @@
+// The CPU ops bound into firp_engine._C. Signatures and semantics mirror the PyTorch
+// references in firp_engine/ops.py; fp32 and bf16 tensors are supported.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "simd.h"
+
+namespace firp {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// ---- elementwise.cpp
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, const OptTensor& out);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, at::Tensor& residual,
+                                                const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                                        const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor silu_mul(const at::Tensor& gate_up, const OptTensor& out);
+void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& slots);
+void kv_commit(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k_scratch,
+               const at::Tensor& v_scratch, const at::Tensor& src_rows, const at::Tensor& dst_slots);
+
+// ---- linear.cpp
+at::Tensor pack_linear(const at::Tensor& weight);
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed);
+at::Tensor firp_project(const at::Tensor& h, const at::Tensor& weight, const OptTensor& bias,
+                        const OptTensor& out);
+
+// ---- attention.cpp
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& page_tables, const at::Tensor& context_lens, double scale,
+                                  const OptTensor& out);
+at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& page_table, int64_t prefix_len, const at::Tensor& k_new,
+                          const at::Tensor& v_new, const at::Tensor& mask_bits, double scale,
+                          const OptTensor& out);
+
+// ---- shared helpers (defined inline: tiny)
+
+// Calls f(float{}) or f(bf16_t{}) for the tensor's dtype; other dtypes are an error.
+template <typename F>
+inline void dispatch_float(const at::Tensor& t, const char* name, F&& f) {
+  if (t.scalar_type() == at::kFloat) {
+    f(float{});
+  } else if (t.scalar_type() == at::kBFloat16) {
+    f(bf16_t{});
+  } else {
+    TORCH_CHECK(false, name, ": expected float32 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+template <typename T>
+inline T* ptr(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
+// The tensor itself when its last dimension is contiguous (rows may be strided), else a copy.
+inline at::Tensor rows_contig(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+inline void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
+}
+
+}  // namespace firp

@@ -1,0 +1,32 @@
+"""CPU backend: the C++ kernels of `csrc/cpu`, compiled into `firp_engine._C`.
+
+Unavailable (ImportError) until the module is built: `pip install -e . --no-build-isolation`
+or `python setup.py build_ext --inplace`. The pybind11 functions take the reference's exact
+arguments (keywords included), so they are registered as they are: no Python wrapper sits
+between the decode loop and the kernels.
+"""
+
+from __future__ import annotations
+
+from firp_engine import _C  # ImportError here = backend unavailable
+from firp_engine.ops import register
+
+OPS = (
+    "rms_norm",
+    "add_rms_norm",
+    "rope",
+    "silu_mul",
+    "pack_linear",
+    "linear",
+    "write_kv",
+    "paged_decode_attention",
+    "tree_attention",
+    "firp_project",
+    "kv_commit",
+)
+
+for _name in OPS:
+    register(_name, "cpu")(getattr(_C, _name))
+
+# What the build compiled in ("avx512bf16", "avx512", "avx2" or "scalar"), for logs and benchmarks.
+ISA: str = _C.cpu_isa

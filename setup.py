@@ -1,0 +1,111 @@
+"""Build firp-engine and its C++ module `firp_engine._C` (ninja, through torch.utils.cpp_extension).
+
+Install torch first, then: `pip install -e . --no-build-isolation` or
+`python setup.py build_ext --inplace`. Environment knobs:
+    FIRP_CPU_FLAGS   compiler flags for the CPU SIMD code instead of the detected ones
+                     ("" gives the portable build; see csrc/cpu/simd.h)
+    FIRP_NO_CUDA=1   skip the CUDA kernels even when torch and nvcc have CUDA
+    MAX_JOBS         parallel compile jobs (ninja)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    sys.exit("firp-engine builds against an installed torch: run `pip install torch` first, "
+             "then `pip install -e . --no-build-isolation`.")
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# SIMD levels, best first: (name, /proc/cpuinfo flags needed, compiler flags).
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", *_AVX2]
+ISA_LEVELS = [
+    ("avx512bf16", {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}, [*_AVX512, "-mavx512bf16"]),
+    ("avx512", {"avx512f", "avx512bw", "avx512vl", "avx512dq"}, _AVX512),
+    ("avx2", {"avx2", "fma", "f16c"}, _AVX2),
+]
+
+
+def compiler_accepts(flags: list[str]) -> bool:
+    """True when the C++ compiler builds an empty file with these flags."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        res = subprocess.run([cxx, *flags, "-x", "c++", "-c", "-o", os.devnull, "-"], input=b"int f() { return 0; }\n",
+                             capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return res.returncode == 0
+
+
+def cpu_features() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def simd_flags() -> list[str]:
+    """The best SIMD level both this CPU and the compiler support (the build is for this machine)."""
+    if "FIRP_CPU_FLAGS" in os.environ:
+        return os.environ["FIRP_CPU_FLAGS"].split()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    have = cpu_features()
+    for name, needed, flags in ISA_LEVELS:
+        if needed <= have and compiler_accepts(flags):
+            print(f"firp-engine: building the CPU kernels for {name}")
+            return flags
+    print("firp-engine: building the portable CPU kernels (no AVX2/AVX-512 found)")
+    return []
+
+
+def with_cuda() -> bool:
+    return bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None and not os.environ.get("FIRP_NO_CUDA")
+
+
+def extension():
+    sources = ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    cxx = ["-O3", "-g0", *simd_flags()]  # -g0: no debug info, builds faster
+    if torch.backends.openmp.is_available() and compiler_accepts(["-fopenmp"]):
+        cxx.append("-fopenmp")  # at::parallel_for is inline: without it the kernels run on one thread
+    common = dict(name="firp_engine._C", include_dirs=[os.path.join(ROOT, "csrc")])
+    if not with_cuda():
+        return cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx},
+                                          extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [], **common)
+    sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/bindings_cuda.cpp"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-DFIRP_WITH_CUDA"]
+    return cpp_extension.CUDAExtension(sources=sources, define_macros=[("FIRP_WITH_CUDA", None)],
+                                       extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                                       extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [], **common)
+
+
+setup(
+    name="firp-engine",
+    version="0.1.0",
+    description="A small LLaMA-family inference runtime with its own kernels and FIRP speculative decoding",
+    python_requires=">=3.10",
+    packages=find_packages(include=["firp_engine", "firp_engine.*"]) + ["firp_kernels"],
+    package_dir={"firp_kernels": "kernels"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["firp = firp_engine.cli:main"]},
+    install_requires=["torch", "numpy", "safetensors", "gguf", "tokenizers", "sentencepiece", "jinja2", "tqdm",
+                      "matplotlib"],
+    extras_require={"test": ["pytest", "transformers", "triton", "ruff"]},
+    zip_safe=False,
+)

@@ -1,0 +1,428 @@
+"""FIRP decoding on tiny random models: lossless greedy, exact tree attention, exact commits,
+head checks, and a chi-square test that tree rejection sampling keeps the model's distribution."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from firp_engine import generate
+from firp_engine.config import ModelConfig
+from firp_engine.errors import FirpError
+from firp_engine.firp import decode, verify
+from firp_engine.firp.decode import FirpDecoder
+from firp_engine.firp.head import FirpHead
+from firp_engine.generate import LLM, State, prefill
+from firp_engine.loading import Checkpoint
+from firp_engine.model import Batch, SeqRows
+from firp_engine.sampling import SamplingParams, probs
+
+# ---------------------------------------------------------------- tiny models
+
+
+class StubTokenizer:
+    eos_ids: list[int] = []  # no EOS: every run goes to max_new_tokens
+    chat_template = None
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % self.vocab for c in text]
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return " ".join(map(str, ids))
+
+
+def tiny_checkpoint(vocab: int, n_layers: int, d: int, seed: int, head_scale: float) -> Checkpoint:
+    g = torch.Generator().manual_seed(seed)
+    cfg = ModelConfig(
+        vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, n_layers=n_layers,
+        n_heads=4, n_kv_heads=2, head_dim=d // 4, max_position=512,
+    )  # fmt: skip
+
+    def rnd(*shape, std=1.0):
+        return torch.randn(*shape, generator=g) * std
+
+    w = {
+        "model.embed_tokens.weight": rnd(vocab, d),
+        "model.norm.weight": 1 + 0.1 * rnd(d),
+        "lm_head.weight": rnd(vocab, d, std=head_scale),
+    }
+    shapes = {
+        "self_attn.q_proj": (d, d), "self_attn.k_proj": (d // 2, d), "self_attn.v_proj": (d // 2, d),
+        "self_attn.o_proj": (d, d), "mlp.gate_proj": (2 * d, d), "mlp.up_proj": (2 * d, d),
+        "mlp.down_proj": (d, 2 * d),
+    }  # fmt: skip
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = 1 + 0.1 * rnd(d)
+        w[p + "post_attention_layernorm.weight"] = 1 + 0.1 * rnd(d)
+        for name, (n_out, n_in) in shapes.items():
+            w[p + name + ".weight"] = rnd(n_out, n_in, std=n_in**-0.5)
+    return Checkpoint(cfg, w, StubTokenizer(vocab), f"tiny-{seed}")
+
+
+def make_llm(ckpt: Checkpoint) -> LLM:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generate, "load", lambda model: ckpt)
+        return LLM("tiny", backend="torch", max_context=512, kv_blocks=400)
+
+
+def random_head(llm: LLM, layer: int, k: int, seed: int, noise: float = 0.3) -> FirpHead:
+    d = llm.config.hidden_size
+    head = FirpHead(d, k, layer, {"fingerprint": llm.ckpt.fingerprint()})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.add_(torch.randn(k, d, d, generator=g) * noise * d**-0.5)
+        head.bias.add_(torch.randn(k, d, generator=g) * noise)
+    return head
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return make_llm(tiny_checkpoint(vocab=97, n_layers=4, d=64, seed=0, head_scale=0.5))
+
+
+@pytest.fixture(scope="module")
+def head(llm):
+    return random_head(llm, layer=2, k=3, seed=1)
+
+
+def prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]  # fmt: skip
+
+
+# ---------------------------------------------------------------- a dense reference
+
+
+def causal_attend(i, q, k, v):
+    """Plain causal attention over the rows given: q [T, H, D], k/v [T, Hkv, D]."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True
+    )
+    return o.transpose(0, 1)
+
+
+@torch.no_grad()
+def dense_logits(model, ids: list[int], head: FirpHead | None = None) -> torch.Tensor:
+    """Logits of a plain causal forward of ids; with a head, the last row's k pseudo rows
+    join at head.layer as the next positions (what a pseudo group sees). [T (+k), V]."""
+    h = model.embed_tokens(torch.tensor(ids))
+    pos = torch.arange(len(ids))
+    lo = head.layer if head is not None else model.cfg.n_layers
+    for i in range(lo):
+        h = model.run_layer(i, h, pos, causal_attend)
+    if head is not None:
+        h = torch.cat([h, head(h[-1:])])
+        pos = torch.arange(len(ids) + head.k)
+        for i in range(lo, model.cfg.n_layers):
+            h = model.run_layer(i, h, pos, causal_attend)
+    return model.logits(h)
+
+
+def assert_same_or_near_tie(model, prompt: list[int], ours: list[int], ref: list[int]) -> None:
+    """Equal, or the first divergence is at a near-tie of the reference (top-2 gap < 1e-3)."""
+    div = next((i for i, (a, b) in enumerate(zip(ours, ref, strict=False)) if a != b), None)
+    if div is None:
+        assert len(ours) == len(ref)
+        return
+    top2 = torch.topk(dense_logits(model, prompt + ref[:div])[-1], 2).values
+    assert (top2[0] - top2[1]).item() < 1e-3, f"diverged at token {div} without a near-tie"
+
+
+# ---------------------------------------------------------------- an oracle drafter
+
+
+class OracleDecoder(FirpDecoder):
+    """Drafts the known greedy continuation (sometimes at rank 1, sometimes cut short) so
+    that long accepted paths through several branches get exercised."""
+
+    def __init__(self, llm, params, oracle_ref=None, **kw):
+        super().__init__(llm, params, **kw)
+        self.ref = oracle_ref  # tuple(prompt) -> prompt + reference continuation
+        self.calls = 0
+
+    def draft(self, st, h, tree, node, new):
+        self.calls += 1
+        full = self.ref[tuple(st.tokens[: st.n_prompt])]
+        root = len(st.tokens) + len(new) - 1  # index of the next tree's root in `full`
+        g = torch.Generator().manual_seed(self.calls)
+        vocab = self.model.cfg.vocab_size
+        cands = torch.stack([torch.randperm(vocab, generator=g)[: self.width] for _ in range(self.k)])
+        for d in range(1, self.k + 1):
+            if root + d >= len(full) or (d == 3 and self.calls % 4 == 0):
+                continue  # no truth here: every candidate is (almost surely) wrong
+            rank = self.calls % 2 if d == 1 else 0
+            row = cands[d - 1]
+            row[row == full[root + d]] = row[rank].clone()  # keep the row's tokens distinct
+            row[rank] = full[root + d]
+        return self.tree, cands
+
+
+@pytest.fixture()
+def oracle(monkeypatch):
+    monkeypatch.setitem(generate.METHODS, "oracle", f"{__name__}:OracleDecoder")
+
+
+# ---------------------------------------------------------------- (a) lossless greedy
+
+
+def test_greedy_equals_ar(llm, head, oracle):
+    ps = prompts(20, llm.config.vocab_size, seed=2)
+    ar = llm.generate([""] * len(ps), prompt_ids=ps, max_new_tokens=128)
+    decode.step_stats.reset()
+    firp = llm.generate([""] * len(ps), prompt_ids=ps, method="firp", head=head, max_new_tokens=128)
+    random_tau = decode.step_stats.mean_accepted
+    refs = {tuple(p): p + r.new_ids for p, r in zip(ps, ar, strict=True)}
+    decode.step_stats.reset()
+    orc = llm.generate(
+        [""] * len(ps), prompt_ids=ps, method="oracle", head=head, oracle_ref=refs, max_new_tokens=128
+    )
+    oracle_tau = decode.step_stats.mean_accepted
+    for p, a, f, o in zip(ps, ar, firp, orc, strict=True):
+        assert f.new_tokens == o.new_tokens == 128
+        assert_same_or_near_tie(llm.model, p, f.new_ids, a.new_ids)
+        assert_same_or_near_tie(llm.model, p, o.new_ids, a.new_ids)
+    print(f"\ntiny model, random head: {random_tau:.3f} tokens/step; oracle drafts: {oracle_tau:.3f}")
+    assert 1.0 <= random_tau < 2.0
+    assert oracle_tau > 2.5
+    assert decode.step_stats.hist.get(4, 0) > 0  # full-depth paths (3 drafts + bonus) happened
+
+
+@pytest.mark.parametrize("opts", [{"pseudo_policy": "top:2"}, {"tree_budget": 1}, {"tree_budget": 25}])
+def test_greedy_equals_ar_other_trees(llm, head, oracle, opts):
+    ps = prompts(3, llm.config.vocab_size, seed=3)
+    ar = llm.generate([""] * 3, prompt_ids=ps, max_new_tokens=48)
+    refs = {tuple(p): p + r.new_ids for p, r in zip(ps, ar, strict=True)}
+    for method, extra in [("firp", {}), ("oracle", {"oracle_ref": refs})]:
+        out = llm.generate(
+            [""] * 3, prompt_ids=ps, method=method, head=head, max_new_tokens=48, **opts, **extra
+        )
+        for p, a, f in zip(ps, ar, out, strict=True):
+            assert_same_or_near_tie(llm.model, p, f.new_ids, a.new_ids)
+
+
+def test_stops_at_context_like_ar(llm, head, oracle):
+    ps = prompts(2, llm.config.vocab_size, seed=4)
+    old = llm.max_context
+    llm.max_context = 40
+    try:
+        ar = llm.generate(["", ""], prompt_ids=ps, max_new_tokens=100)
+        refs = {tuple(p): p + r.new_ids for p, r in zip(ps, ar, strict=True)}
+        orc = llm.generate(
+            ["", ""], prompt_ids=ps, method="oracle", head=head, oracle_ref=refs, max_new_tokens=100
+        )
+    finally:
+        llm.max_context = old
+    for a, o in zip(ar, orc, strict=True):
+        assert a.finish_reason == o.finish_reason == "context"
+        assert o.new_ids == a.new_ids
+
+
+# ---------------------------------------------------------------- (b) tree attention
+
+
+def tree_state(llm, prompt: list[int]) -> State:
+    seq = llm.cache.new_sequence()
+    prefill(llm.model, seq, prompt[:-1], 64)
+    return State(seq, list(prompt), len(prompt))
+
+
+@pytest.mark.parametrize("policy", ["all", "top:3"])
+def test_tree_forward_equals_dense_paths(llm, head, policy):
+    dec = FirpDecoder(llm, SamplingParams(), head=head, tree_budget=12, pseudo_policy=policy)
+    tree = dec.tree
+    prompt = prompts(1, llm.config.vocab_size, seed=5)[0]
+    st = tree_state(llm, prompt)
+    tokens = tree.node_tokens(prompt[-1], torch.randint(0, llm.config.vocab_size, (3, dec.width)))
+    with torch.inference_mode():
+        h = dec.forward_tree(st, tree, tokens)
+        logits = llm.model.logits(h)
+    st.seq.free()
+    for j in range(tree.n):
+        ids = prompt[:-1] + tokens[tree.path(j)].tolist()
+        ref = dense_logits(llm.model, ids, dec.head)
+        torch.testing.assert_close(logits[j], ref[len(ids) - 1], atol=1e-4, rtol=1e-4)
+        if j in tree.spawn:
+            rows = list(tree.pseudo_rows(tree.spawn.index(j)))
+            torch.testing.assert_close(logits[rows], ref[len(ids) :], atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- (c) commit
+
+
+def test_commit_matches_one_by_one_decoding(llm, head):
+    dec = FirpDecoder(llm, SamplingParams(), head=head, tree_budget=10)
+    tree = dec.tree
+    path = max(tree.paths, key=lambda p: (len(p), p[1]))  # deepest path, through a rank > 0 branch
+    assert len(path) == 4 and tree.nodes[path[1]].rank > 0
+    prompt = prompts(1, llm.config.vocab_size, seed=6)[0]
+    st = tree_state(llm, prompt)
+    tokens = tree.node_tokens(prompt[-1], torch.randint(0, llm.config.vocab_size, (3, dec.width)))
+    with torch.inference_mode():
+        dec.forward_tree(st, tree, tokens)
+        st.seq.commit(dec.scratch[0], dec.scratch[1], path)
+        # the same tokens decoded one at a time into another sequence
+        ref = tree_state(llm, prompt)
+        for t in tokens[path].tolist():
+            s = ref.seq
+            s.reserve(s.length + 1)
+            batch = Batch(torch.tensor([s.length]), [SeqRows(s, 0, 1)], "decode", slots=s.slots(s.length, 1))
+            llm.model.forward(batch, llm.model.embed_tokens(torch.tensor([t])))
+            s.length += 1
+    n = len(prompt) - 1 + len(path)
+    assert st.seq.length == ref.seq.length == n
+    cache = llm.cache
+    for big in (cache.k, cache.v):
+        flat = big.view(big.shape[0], -1, *big.shape[3:])
+        ours, theirs = flat[:, st.seq.slots(0, n)], flat[:, ref.seq.slots(0, n)]
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    st.seq.free()
+    ref.seq.free()
+
+
+# ---------------------------------------------------------------- (d) heads
+
+
+def test_head_checks(llm, head, tmp_path):
+    wrong = FirpHead(llm.config.hidden_size, 3, 2, {"fingerprint": "0123456789abcdef"})
+    with pytest.raises(FirpError, match="another model"):
+        FirpDecoder(llm, SamplingParams(), head=wrong)
+    wrong.save(tmp_path / "wrong")
+    with pytest.raises(FirpError, match="another model"):
+        llm.generate("hi", method="firp", head=str(tmp_path / "wrong"), max_new_tokens=4)
+    head.save(tmp_path / "right")
+    out = llm.generate("hi", method="firp", head=str(tmp_path / "right"), max_new_tokens=4)
+    assert out[0].new_tokens == 4
+    assert llm.head_path is None
+    with pytest.raises(FirpError, match="train-head"):
+        FirpDecoder(llm, SamplingParams())
+    bad_layer = FirpHead(
+        llm.config.hidden_size, 3, llm.config.n_layers, {"fingerprint": llm.ckpt.fingerprint()}
+    )
+    with pytest.raises(FirpError, match="does not fit"):
+        FirpDecoder(llm, SamplingParams(), head=bad_layer)
+
+
+# ---------------------------------------------------------------- (e) lossless sampling
+
+
+def chi2_pvalue(observed: torch.Tensor, expected_p: torch.Tensor) -> float:
+    """Pearson chi-square p-value; cells expecting < 5 counts are pooled into one."""
+    n = observed.sum().item()
+    exp = expected_p.double() * n
+    small = exp < 5
+    obs_c = torch.cat([observed[~small].double(), observed[small].double().sum().view(1)])
+    exp_c = torch.cat([exp[~small], exp[small].sum().view(1)])
+    if exp_c[-1] == 0:
+        if obs_c[-1] > 0:
+            return 0.0  # a token the model can never produce
+        obs_c, exp_c = obs_c[:-1], exp_c[:-1]
+    stat = ((obs_c - exp_c) ** 2 / exp_c).sum()
+    df = obs_c.numel() - 1
+    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2).item()
+
+
+def test_try_children_is_exact(monkeypatch):
+    """The acceptance rule alone: output frequencies vs p for drafts incl. a repeated one."""
+    p = torch.tensor([0.05, 0.30, 0.25, 0.02, 0.18, 0.20])
+    cands = [1, 2, 2, 5]
+
+    def draw_counts(n: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        counts = torch.zeros(6, dtype=torch.int64)
+        for _ in range(n):
+            i, rej = verify.try_children(p, cands, gen)
+            counts[cands[i] if i is not None else verify.residual_sample(p, rej, gen)] += 1
+        return counts
+
+    assert chi2_pvalue(draw_counts(3000), p) > 1e-3
+    monkeypatch.setattr(verify, "accept_prob", lambda q, mass: q)  # forgets to renormalise
+    assert chi2_pvalue(draw_counts(3000), p) < 1e-6
+
+
+N_NEW = 4  # tokens compared per sample: t1 from the root step, t2.. from tree verification
+
+
+def sample_firp(llm, dec: FirpDecoder, prompt: list[int], seeds: range) -> torch.Tensor:
+    """int64 [len(seeds), N_NEW]: the first tokens of one sampled generation per seed."""
+    seq = llm.cache.new_sequence()
+    out = []
+    with torch.inference_mode():
+        prefill(llm.model, seq, prompt[:-1], 64)
+        for s in seeds:
+            seq.truncate(len(prompt) - 1)
+            st = State(seq, list(prompt), len(prompt), torch.Generator().manual_seed(s))
+            dec.start(st)
+            st.tokens += dec.run_step(st)
+            while len(st.tokens) < len(prompt) + N_NEW:
+                st.tokens += dec.step([st])[0]
+            out.append(st.tokens[len(prompt) : len(prompt) + N_NEW])
+    seq.free()
+    return torch.tensor(out)
+
+
+@torch.no_grad()
+def exact_distributions(model, prompt, params) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own joint of (t1, t2, t3) [V^3] and marginal of t4 [V]."""
+    v = model.cfg.vocab_size
+
+    def nxt(prefix: tuple) -> torch.Tensor:
+        return probs(dense_logits(model, prompt + list(prefix))[-1:], params)[0].double()
+
+    joint = torch.zeros(v, v, v, dtype=torch.float64)
+    marg4 = torch.zeros(v, dtype=torch.float64)
+    p1 = nxt(())
+    for a in range(v):
+        p2 = nxt((a,))
+        for b in range(v):
+            p3 = nxt((a, b))
+            for c in range(v):
+                joint[a, b, c] = p1[a] * p2[b] * p3[c]
+                if joint[a, b, c] > 0:
+                    marg4 += joint[a, b, c] * nxt((a, b, c))
+    return joint.flatten(), marg4
+
+
+def test_sampling_is_lossless(monkeypatch):
+    llm5 = make_llm(tiny_checkpoint(vocab=5, n_layers=2, d=32, seed=7, head_scale=0.25))
+    head = random_head(llm5, layer=1, k=3, seed=8)
+    params = SamplingParams(temperature=0.9, top_p=0.95)
+    dec = FirpDecoder(llm5, params, head=head, tree_budget=10)
+    prompt = [1, 3, 0, 2]
+    v = llm5.config.vocab_size
+
+    def pvalues(samples: torch.Tensor, joint: torch.Tensor, marg4: torch.Tensor) -> tuple[float, float]:
+        cells = samples[:, 0] * v * v + samples[:, 1] * v + samples[:, 2]
+        return (
+            chi2_pvalue(torch.bincount(cells, minlength=v**3), joint),
+            chi2_pvalue(torch.bincount(samples[:, 3], minlength=v), marg4),
+        )
+
+    exact = exact_distributions(llm5.model, prompt, params)
+    decode.step_stats.reset()
+    good = sample_firp(llm5, dec, prompt, range(1000))
+    tau = decode.step_stats.mean_accepted
+    assert tau > 1.3  # the tree really accepted drafts, so the rejection sampler was exercised
+    p_joint, p_marg = pvalues(good, *exact)
+    print(f"\nsampling: {tau:.2f} tokens/step, chi-square p = {p_joint:.3f} (t1..t3), {p_marg:.3f} (t4)")
+    assert p_joint > 1e-3 and p_marg > 1e-3
+    # Negative controls. The same samples against a slightly hotter model are rejected ...
+    hotter = exact_distributions(llm5.model, prompt, SamplingParams(temperature=1.1, top_p=0.95))
+    assert pvalues(good, *hotter)[0] < 1e-6
+    # ... and so is a lossy acceptance rule (no renormalisation after a rejected sibling).
+    monkeypatch.setattr(verify, "accept_prob", lambda q, mass: q)
+    bad = sample_firp(llm5, dec, prompt, range(700))
+    assert min(pvalues(bad, *exact)) < 1e-6
+
+
+def test_chi2_pvalue_sanity():
+    p = torch.full((10,), 0.1)
+    assert math.isclose(chi2_pvalue(torch.full((10,), 100), p), 1.0)
+    assert chi2_pvalue(torch.tensor([190] + [90] * 9), p) < 1e-6
