@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--batch-positions", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default=str(ROOT / "runs" / "ctx_cache"))
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sweep.json"))

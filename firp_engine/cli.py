@@ -15,7 +15,9 @@ METHOD_CHOICES = ["ar", "firp", "pld", "medusa"]
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
-    p.add_argument("--backend", choices=["torch", "cpu", "triton", "cuda"], help="default: $FIRP_BACKEND or best")
+    p.add_argument(
+        "--backend", choices=["torch", "cpu", "triton", "cuda"], help="default: $FIRP_BACKEND or best"
+    )
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--kv-blocks", type=int, default=None, help="KV pool size in 16-token blocks")
     p.add_argument("--threads", type=int, default=None)

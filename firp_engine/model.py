@@ -189,9 +189,7 @@ class Transformer:
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed[ids]
 
-    def forward(
-        self, batch: Batch, h: torch.Tensor, start: int = 0, end: int | None = None
-    ) -> torch.Tensor:
+    def forward(self, batch: Batch, h: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Run layers [start, end) on hidden rows h [T, d] (embed_tokens() for layer 0)."""
         attend = self.paged_attend(batch)
         for i in range(start, self.cfg.n_layers if end is None else end):

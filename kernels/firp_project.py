@@ -14,7 +14,7 @@ import triton.language as tl
 from .utils import check_last_dim_contiguous, dot_precision, pow2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])  # the tree size varies from step to step
 def firp_project_kernel(
     h_ptr,  # [n, d] tree nodes' hidden states
     w_ptr,  # [k * d, d] the k maps stacked, each out x in

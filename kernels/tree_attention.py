@@ -60,7 +60,9 @@ def attend_scratch(
     return acc, m_i, l_i
 
 
-@triton.jit
+# Sizes that change every step are not specialised on (value 1, multiple of 16), which would
+# otherwise compile a new variant for many steps of a generation.
+@triton.jit(do_not_specialize=["n_rows", "prefix_len", "chunk", "n_prefix_parts", "n_parts", "n_new"])
 def tree_attention_kernel(
     q_ptr,  # [T, H, D]
     k_ptr,  # one layer's cache [NB, BS, Hkv, D]
@@ -138,6 +140,15 @@ def tree_attention_kernel(
         tl.store(lse_ptr + rows * n_parts + part, m_i + tl.log2(l_safe), mask=row_mask)
 
 
+def tile_sizes(rows: int, d: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) that stay clear of register spills on sm_90 (checked with ptxas).
+    fp32 inputs take the FMA path of tl.dot, which needs much smaller tiles."""
+    if dtype == torch.float32:
+        return min(32, pow2(rows, 16)), 16
+    block_m = min(64 if d <= 64 else 32, pow2(rows, 16))
+    return block_m, 64 if block_m == 16 and d <= 64 else 32
+
+
 def tree_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -164,10 +175,10 @@ def tree_attention(
         raise ValueError("tree_attention: no keys to attend to")
     out = torch.empty_like(q) if out is None else out
     check_last_dim_contiguous("out", out)
+    if t == 0:
+        return out
 
-    # Tiles sized to stay clear of register spills on sm_90 (checked with ptxas).
-    block_m = min(64 if d <= 64 else 32, pow2(t * g, 16))
-    block_n = 64 if block_m == 16 and d <= 64 else 32
+    block_m, block_n = tile_sizes(t * g, d, q.dtype)
     m_tiles = triton.cdiv(t * g, block_m)
     prefix_parts, chunk = 0, 0
     if prefix_len > 0:

@@ -225,6 +225,12 @@ def test_stops_at_context_like_ar(llm, head, oracle):
         assert o.new_ids == a.new_ids
 
 
+def test_one_token_prompt(llm, head):
+    ar = llm.generate("", prompt_ids=[[5]], max_new_tokens=16)[0]
+    firp = llm.generate("", prompt_ids=[[5]], method="firp", head=head, max_new_tokens=16)[0]
+    assert_same_or_near_tie(llm.model, [5], firp.new_ids, ar.new_ids)
+
+
 # ---------------------------------------------------------------- (b) tree attention
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import write_tiny_gguf, write_tiny_llama
 
 from firp_engine.cli import main
 from firp_engine.loading import default_model_path, load
-from tiny_models import write_tiny_gguf, write_tiny_llama
 
 TOLERANCE = {"F32": 0.0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2, "Q4_0": 0.15, "Q4_1": 0.1}
 
@@ -22,7 +22,9 @@ def test_gguf_dequantizes_and_unpermutes(tmp_path, qtype):
     for name, w in ref.items():
         rel = ((ck.weights[name] - w).abs().max() / w.abs().max()).item()
         assert rel <= TOLERANCE[qtype], name
-    q_err = (ck.weights["model.layers.0.self_attn.q_proj.weight"] - ref["model.layers.0.self_attn.q_proj.weight"])
+    q_err = (
+        ck.weights["model.layers.0.self_attn.q_proj.weight"] - ref["model.layers.0.self_attn.q_proj.weight"]
+    )
     assert q_err.abs().mean() < 0.5 * ref["model.layers.0.self_attn.q_proj.weight"].abs().mean()
 
 
@@ -42,7 +44,9 @@ def tiny_folder(tmp_path) -> Path:
 
 
 def test_missing_model_file(capsys, tmp_path):
-    assert "not found" in run_cli(capsys, "generate", "--model", str(tmp_path / "nope.gguf"), "--prompt", "hi")
+    assert "not found" in run_cli(
+        capsys, "generate", "--model", str(tmp_path / "nope.gguf"), "--prompt", "hi"
+    )
 
 
 def test_truncated_gguf(capsys, tmp_path):
@@ -126,14 +130,32 @@ def test_empty_prompt(capsys, tiny_folder):
 
 
 def test_prompt_longer_than_context(capsys, tiny_folder):
-    err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--no-chat", "--max-context", "16",
-                  "--prompt", "The quick brown fox jumps over the lazy dog. " * 10)
+    err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_folder),
+        "--no-chat",
+        "--max-context",
+        "16",
+        "--prompt",
+        "The quick brown fox jumps over the lazy dog. " * 10,
+    )
     assert "longer than the context window" in err
 
 
 def test_kv_pool_too_small(capsys, tiny_folder):
-    err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--no-chat", "--kv-blocks", "1",
-                  "--prompt", "The quick brown fox jumps over the lazy dog. " * 4)
+    err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_folder),
+        "--no-chat",
+        "--kv-blocks",
+        "1",
+        "--prompt",
+        "The quick brown fox jumps over the lazy dog. " * 4,
+    )
     assert "out of KV blocks" in err
 
 
@@ -177,8 +199,21 @@ def test_bad_prompts_file(capsys, tmp_path, tiny_folder):
 def test_prompts_file_json_output(capsys, tmp_path, tiny_folder):
     f = tmp_path / "p.jsonl"
     f.write_text('{"question_id": 7, "turns": ["The quick", "ignored"]}\n{"prompt": "lazy dog", "id": "b"}\n')
-    rc = main(["generate", "--model", str(tiny_folder), "--prompts-file", str(f), "--json", "--no-chat",
-               "--max-new-tokens", "5", "--dtype", "fp32"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_folder),
+            "--prompts-file",
+            str(f),
+            "--json",
+            "--no-chat",
+            "--max-new-tokens",
+            "5",
+            "--dtype",
+            "fp32",
+        ]
+    )
     assert rc == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["id"] for r in lines] == [7, "b"]

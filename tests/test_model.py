@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import write_tiny_llama
 
 from firp_engine.generate import LLM
 from firp_engine.model import Batch, SeqRows
-from tiny_models import write_tiny_llama
 
 CHAT_PROMPTS = [
     "What is the capital of France?",
@@ -118,15 +118,22 @@ def test_hf_folder_matches_transformers(tmp_path, tok, tie):
     assert (ours - ref).abs().max().item() <= 1e-4
     r = llm.generate("hello", chat=False, max_new_tokens=20)[0]
     with torch.no_grad():
-        out = ref_model.generate(torch.tensor([r.prompt_ids]), max_new_tokens=20, do_sample=False, eos_token_id=None)
+        out = ref_model.generate(
+            torch.tensor([r.prompt_ids]), max_new_tokens=20, do_sample=False, eos_token_id=None
+        )
     assert r.new_ids == out[0, len(r.prompt_ids) :].tolist()[: len(r.new_ids)]
 
 
 def test_scaled_rope_matches_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     folder = write_tiny_llama(tmp_path / "m", rope_scaling=scaling)
     llm = LLM(str(folder), dtype="fp32")
     ids = list(range(3, 120))

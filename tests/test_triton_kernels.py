@@ -9,6 +9,7 @@ bf16 arithmetic wrong, so it runs fp32 only; a GPU also runs bf16.
 from __future__ import annotations
 
 import inspect
+import sys
 
 import pytest
 import torch
@@ -79,6 +80,17 @@ def test_paged_decode_attention(h, hk, d, lens, bs, splits, dtype):
     torch.testing.assert_close(out, ref, **tol(dtype))
 
 
+@pytest.mark.parametrize("tile", [32, 64])
+def test_paged_decode_attention_key_tiles(monkeypatch, tile):
+    # fp32 picks small key tiles; check the GPU's bf16 tile sizes here too.
+    monkeypatch.setattr(sys.modules["firp_kernels.paged_decode_attention"], "key_tile", lambda *_: tile)
+    kc, vc, table = paged_cache([90, 3], 16, 2, 128, torch.float32)
+    q = torch.randn(2, 6, 128, device=DEV)
+    ctx = torch.tensor([90, 3], dtype=torch.int32, device=DEV)
+    ref = ops.paged_decode_attention(q, kc, vc, table, ctx, 0.1)
+    torch.testing.assert_close(K.paged_decode_attention(q, kc, vc, table, ctx, 0.1, num_splits=2), ref)
+
+
 def test_paged_decode_attention_registered_op():
     kc, vc, table = paged_cache([300, 7], 16, 3, 64, torch.float32)
     q = torch.randn(2, 9, 64, device=DEV)
@@ -128,6 +140,20 @@ def test_tree_attention(t, s, prefix, h, hk, d, splits, dtype):
     got = K.tree_attention(q, kc, vc, table[0], prefix, k_new, v_new, bits, d**-0.5, out, num_splits=splits)
     assert got is out
     torch.testing.assert_close(out, ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("tiles", [(16, 64), (64, 32), (32, 16)])
+def test_tree_attention_tile_sizes(monkeypatch, tiles):
+    # fp32 picks small tiles; check the GPU's bf16 tile sizes (a key tile = a whole mask word) too.
+    monkeypatch.setattr(sys.modules["firp_kernels.tree_attention"], "tile_sizes", lambda *_: tiles)
+    t, s, prefix, h, hk, d = 9, 70, 40, 6, 2, 64
+    kc, vc, table = paged_cache([prefix], 16, hk, d, torch.float32)
+    q = torch.randn(t, h, d, device=DEV)
+    k_new, v_new = torch.randn(2, s, hk, d, device=DEV)
+    bits = random_mask(t, s, prefix)
+    ref = ops.tree_attention(q, kc, vc, table[0], prefix, k_new, v_new, bits, 0.125)
+    got = K.tree_attention(q, kc, vc, table[0], prefix, k_new, v_new, bits, 0.125, num_splits=2)
+    torch.testing.assert_close(got, ref)
 
 
 def test_tree_attention_causal_prefill_registered_op():

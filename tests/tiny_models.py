@@ -61,7 +61,9 @@ def write_sp_tokenizer(folder: Path, vocab_size: int = 400) -> int:
     return vocab_size
 
 
-def write_tiny_llama(folder: Path, tokenizer: str = "bpe", tie: bool = False, seed: int = 0, **cfg_kw) -> Path:
+def write_tiny_llama(
+    folder: Path, tokenizer: str = "bpe", tie: bool = False, seed: int = 0, **cfg_kw
+) -> Path:
     """Save a random LlamaForCausalLM with transformers, plus a tokenizer of the given kind."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -142,11 +144,24 @@ def write_tiny_gguf(path: Path, qtype: str = "F32", seed: int = 0) -> dict[str, 
 
     put("token_embd.weight", w["model.embed_tokens.weight"])
     put("output_norm.weight", w["model.norm.weight"], quantize=False)
-    names = {"attn_q": (nh * hd, d), "attn_k": (nkv * hd, d), "attn_v": (nkv * hd, d), "attn_output": (d, d),
-             "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}
-    hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-          "ffn_down": "mlp.down_proj"}
+    names = {
+        "attn_q": (nh * hd, d),
+        "attn_k": (nkv * hd, d),
+        "attn_v": (nkv * hd, d),
+        "attn_output": (d, d),
+        "ffn_gate": (f, d),
+        "ffn_up": (f, d),
+        "ffn_down": (d, f),
+    }
+    hf = {
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
     for i in range(n_layers):
         for kind, shape in names.items():
             t = rnd(*shape)

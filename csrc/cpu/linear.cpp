@@ -56,28 +56,42 @@ inline void tile_bf16(const bf16_t* w,    // [NP panels of K2 * 32], panel strid
   for (int r = 0; r < MR; ++r)
     for (int p = 0; p < NP; ++p) _mm512_storeu_ps(c + r * NP * PANEL + p * PANEL, acc[r][p]);
 #else
-  vf acc[MR][NP * NV];
+  constexpr int NW = NP * NV;  // weight vectors per k-pair
+  vf acc[MR][NW];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NP * NV; ++v) acc[r][v] = zero();
+    for (int v = 0; v < NW; ++v) acc[r][v] = zero();
   for (int64_t kk = 0; kk < K2; ++kk) {
-    vf x0[MR], x1[MR];
-    for (int r = 0; r < MR; ++r) {
-      x0[r] = set1(x[r * ldx + 2 * kk]);
-      x1[r] = set1(x[r * ldx + 2 * kk + 1]);
-    }
-    for (int p = 0; p < NP; ++p) {
-      for (int v = 0; v < NV; ++v) {
+    const bf16_t* wk = w + kk * 32;
+    if constexpr (NW <= 2) {
+      // Few weight vectors: convert them all, then one broadcast per row and k
+      // (AVX2, 4 rows: 8 accumulators + 4 weights + 1 broadcast registers).
+      vf even[NW], odd[NW];
+      for (int v = 0; v < NW; ++v) load_pairs(wk + (v / NV) * pstride + (v % NV) * 2 * W, even[v], odd[v]);
+      for (int r = 0; r < MR; ++r) {
+        const vf x0 = set1(x[r * ldx + 2 * kk]);
+        for (int v = 0; v < NW; ++v) acc[r][v] = fma(even[v], x0, acc[r][v]);
+        const vf x1 = set1(x[r * ldx + 2 * kk + 1]);
+        for (int v = 0; v < NW; ++v) acc[r][v] = fma(odd[v], x1, acc[r][v]);
+      }
+    } else {
+      // Many weight vectors (one or two rows): keep the row broadcasts, stream the weights.
+      vf x0[MR], x1[MR];
+      for (int r = 0; r < MR; ++r) {
+        x0[r] = set1(x[r * ldx + 2 * kk]);
+        x1[r] = set1(x[r * ldx + 2 * kk + 1]);
+      }
+      for (int v = 0; v < NW; ++v) {
         vf even, odd;
-        load_pairs(w + p * pstride + kk * 32 + v * 2 * W, even, odd);
+        load_pairs(wk + (v / NV) * pstride + (v % NV) * 2 * W, even, odd);
         for (int r = 0; r < MR; ++r) {
-          acc[r][p * NV + v] = fma(even, x0[r], acc[r][p * NV + v]);
-          acc[r][p * NV + v] = fma(odd, x1[r], acc[r][p * NV + v]);
+          acc[r][v] = fma(even, x0[r], acc[r][v]);
+          acc[r][v] = fma(odd, x1[r], acc[r][v]);
         }
       }
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NP * NV; ++v) store(c + r * NP * PANEL + v * W, acc[r][v]);
+    for (int v = 0; v < NW; ++v) store(c + r * NP * PANEL + v * W, acc[r][v]);
 #endif
 }
 
@@ -91,13 +105,22 @@ inline void tile_f32(const float* w,      // [NP panels of K * 16], panel stride
   vf acc[MR][NP * NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NP * NV; ++v) acc[r][v] = zero();
+  constexpr int NW = NP * NV;
   for (int64_t k = 0; k < K; ++k) {
-    vf xb[MR];
-    for (int r = 0; r < MR; ++r) xb[r] = set1(x[r * ldx + k]);
-    for (int p = 0; p < NP; ++p) {
-      for (int v = 0; v < NV; ++v) {
-        vf wv = load(w + p * pstride + k * PANEL + v * W);
-        for (int r = 0; r < MR; ++r) acc[r][p * NV + v] = fma(wv, xb[r], acc[r][p * NV + v]);
+    const float* wk = w + k * PANEL;
+    if constexpr (NW <= 2) {  // register use as in tile_bf16
+      vf wv[NW];
+      for (int v = 0; v < NW; ++v) wv[v] = load(wk + (v / NV) * pstride + (v % NV) * W);
+      for (int r = 0; r < MR; ++r) {
+        const vf xb = set1(x[r * ldx + k]);
+        for (int v = 0; v < NW; ++v) acc[r][v] = fma(wv[v], xb, acc[r][v]);
+      }
+    } else {
+      vf xb[MR];
+      for (int r = 0; r < MR; ++r) xb[r] = set1(x[r * ldx + k]);
+      for (int v = 0; v < NW; ++v) {
+        const vf wv = load(wk + (v / NV) * pstride + (v % NV) * W);
+        for (int r = 0; r < MR; ++r) acc[r][v] = fma(wv, xb[r], acc[r][v]);
       }
     }
   }
@@ -143,39 +166,47 @@ inline void run_tile(const Problem<WT, XT>& pb, int64_t p, int64_t m0) {
   }
 }
 
-// All row tiles of x for the NP panels starting at p.
-template <int NP, typename WT, typename XT>
+// Panels per step for a row tile of MR rows: enough independent accumulators to hide the
+// FMA latency, few enough to stay in registers (16 vector registers with AVX2, 32 with AVX-512).
+template <int MR>
+constexpr int panels_per_step() {
+  if constexpr (W == 16) return 4;
+  return MR == 1 ? 4 : MR == 2 ? 2 : 1;
+}
+
+// All rows of x (tiles of up to MR rows) times the NP panels starting at p.
+template <int MR, int NP, typename WT, typename XT>
 inline void run_panels(const Problem<WT, XT>& pb, int64_t p) {
-  for (int64_t m0 = 0; m0 < pb.M; m0 += MAX_MR) {
-    switch (std::min<int64_t>(MAX_MR, pb.M - m0)) {
-      case 1: run_tile<1, NP>(pb, p, m0); break;
-      case 2: run_tile<2, NP>(pb, p, m0); break;
-      case 3: run_tile<3, NP>(pb, p, m0); break;
-      default: run_tile<4, NP>(pb, p, m0); break;
-    }
+  int64_t m0 = 0;
+  for (; m0 + MR <= pb.M; m0 += MR) run_tile<MR, NP>(pb, p, m0);
+  switch (pb.M - m0) {  // the last rows: MR > 1 only
+    case 1: run_tile<1, NP>(pb, p, m0); break;
+    case 2: if constexpr (MR > 2) run_tile<2, NP>(pb, p, m0); break;
+    case 3: if constexpr (MR > 3) run_tile<3, NP>(pb, p, m0); break;
+    default: break;
   }
 }
 
-// Panels per step: enough independent accumulators to hide the FMA latency, few enough
-// to stay in registers (16 vector registers with AVX2, 32 with AVX-512).
-inline int panels_per_step(int64_t M) {
-  if (W == 16) return 4;
-  return M == 1 ? 4 : M == 2 ? 2 : 1;
+template <int MR, typename WT, typename XT>
+void run_linear_mr(const Problem<WT, XT>& pb, int64_t n_panels) {
+  constexpr int NP = panels_per_step<MR>();
+  const int64_t panel_bytes = pb.pstride * int64_t(sizeof(WT));
+  const int64_t grain = std::max<int64_t>(1, GRAIN_BYTES / panel_bytes);
+  at::parallel_for(0, n_panels, grain, [&](int64_t p0, int64_t p1) {
+    int64_t p = p0;
+    for (; p + NP <= p1; p += NP) run_panels<MR, NP>(pb, p);
+    for (; p < p1; ++p) run_panels<MR, 1>(pb, p);
+  });
 }
 
 template <typename WT, typename XT>
 void run_linear(const Problem<WT, XT>& pb, int64_t n_panels) {
-  const int64_t panel_bytes = pb.pstride * int64_t(sizeof(WT));
-  const int64_t grain = std::max<int64_t>(1, GRAIN_BYTES / panel_bytes);
-  const int np = panels_per_step(pb.M);
-  at::parallel_for(0, n_panels, grain, [&](int64_t p0, int64_t p1) {
-    int64_t p = p0;
-    if (np == 4)
-      for (; p + 4 <= p1; p += 4) run_panels<4>(pb, p);
-    if (np >= 2)
-      for (; p + 2 <= p1; p += 2) run_panels<2>(pb, p);
-    for (; p < p1; ++p) run_panels<1>(pb, p);
-  });
+  switch (std::min<int64_t>(pb.M, MAX_MR)) {
+    case 1: run_linear_mr<1>(pb, n_panels); break;
+    case 2: run_linear_mr<2>(pb, n_panels); break;
+    case 3: run_linear_mr<3>(pb, n_panels); break;
+    default: run_linear_mr<4>(pb, n_panels); break;
+  }
 }
 
 // x [M, K] bf16 -> what the bf16 tile reads: zero-padded to an even K, as floats or pairs.

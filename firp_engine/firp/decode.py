@@ -166,7 +166,7 @@ class FirpDecoder:
         low = Batch(pos[:n], [SeqRows(st.seq, 0, n, tree.tree_bits)], "tree", scratch=self.scratch)
         h = model.forward(low, model.embed_tokens(tokens), 0, self.layer)
         if tree.spawn:
-            h = torch.cat([h, self.head(h[tree.spawn])])
+            h = torch.cat([h, self.head(h[tree.spawn_idx])])
         up = Batch(pos, [SeqRows(st.seq, 0, tree.n_rows, tree.full_bits)], "tree", scratch=self.scratch)
         return model.forward(up, h, self.layer, model.cfg.n_layers)
 
@@ -174,7 +174,7 @@ class FirpDecoder:
         tree, cands = st.extra["tree"], st.extra["cands"]
         tokens = tree.node_tokens(st.tokens[-1], cands)
         h = self.forward_tree(st, tree, tokens)
-        logits = self.model.logits(h[: tree.n])
+        logits = self.model.logits(h[: tree.n])  # tree rows only; draft() decodes the pseudo rows it needs
         tok_list = tokens.tolist()
         max_drafts = max(0, self.max_context - len(st.tokens) - 1)  # never step past the context
         if self.params.greedy:
@@ -197,11 +197,12 @@ class FirpDecoder:
         """The next tree and its candidates int64 [depth, R] (row d-1: depth d), from the
         pseudo rows of `node` or, if it spawned none, of its deepest spawning ancestor."""
         group, delta = tree.source[node]
-        rows = list(tree.pseudo_rows(group))[delta:]
+        rows = tree.pseudo_rows(group)[delta:]
         nxt = self.tree if delta == 0 else self.fallback[delta]
         if not rows:
             return nxt, torch.empty(0, self.width, dtype=torch.int64)
-        return nxt, torch.topk(self.model.logits(h[rows]), self.width, dim=-1).indices
+        # Only these k - delta pseudo rows go through the LM head (V x d each), not all of them.
+        return nxt, torch.topk(self.model.logits(h[rows.start : rows.stop]), self.width, dim=-1).indices
 
     @staticmethod
     def _hits(cands: torch.Tensor, new: list[int]) -> list[list[bool]]:

@@ -248,7 +248,8 @@ def candidate_positions(ctx: Context, k: int, full_groups: bool) -> tuple[torch.
     full_groups every offset of a group has a target, else at least offset 1 does."""
     last = ctx.length - 2 - (k - 1 if full_groups else 0)  # largest usable p
     start = max(ctx.n_prompt - 1, ctx.row0 - 1, 0)  # p = last prompt token drafts the first reply tokens
-    return torch.arange(0, min(start, last + 1)), torch.arange(start, last + 1)
+    # prompt positions only where the teacher rows they target were kept (row0)
+    return torch.arange(max(ctx.row0 - 1, 0), min(start, last + 1)), torch.arange(start, last + 1)
 
 
 def sample_positions(ctx: Context, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -578,7 +579,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--threads", type=int, default=2, help="torch threads (the machine is shared)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on the shared 2-core machine)"
+    )
     p.add_argument("--no-progress", action="store_true")
 
 

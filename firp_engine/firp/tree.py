@@ -10,6 +10,13 @@ Row layout of one step (the scratch K/V follow it): the n tree nodes first, then
 rows per spawning node, grouped by node: group g (node spawn[g]) holds offsets 1..k at
 rows n + g*k + (i - 1). Pseudo row (j, i) sits at position pos(j) + i and sees the
 prefix, node j's ancestors, node j and the rows (j, 1..i) of its own group.
+
+Pseudo policy: "all" nodes spawn k pseudo rows, or only the `top` likeliest ("top"; the
+root always). The next tree is drafted from the last accepted node's pseudo rows: offset
+i decodes the token at depth i of the next tree (whose root is the bonus token). If that
+node spawned none, its deepest spawning ancestor a, delta = depth(node) - depth(a) levels
+up, still has offsets delta+1..k that land on the next tree's depths 1..k-delta: the next
+tree is then a rank-0 chain of k - delta nodes below the root (root only when delta = k).
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ class Tree:
     Attributes (n nodes, m spawning nodes, k pseudo offsets each, R = n + m*k rows):
         nodes       list[Node], parents before children, children of a node in rank order
         children    list[list[int]] per node, in rank order (verification tries them in order)
-        spawn       node ids that spawn pseudo rows (group g = spawn[g]), root first
+        spawn       node ids that spawn pseudo rows (group g = spawn[g]), root first; spawn_idx as int64
         depth       int64 [n]; rank int64 [n]
         offsets     int64 [R]: position of each row minus p
         tree_bits   int64 [n, ceil(n/64)]: ancestor-or-self mask among tree rows (layers < l)
@@ -68,6 +75,7 @@ class Tree:
             raise FirpError("a draft tree needs a root")
         self.nodes, self.k = nodes, k
         self.spawn = sorted(spawn)
+        self.spawn_idx = torch.tensor(self.spawn, dtype=torch.int64)
         n = len(nodes)
         self.n = n
         self.children: list[list[int]] = [[] for _ in range(n)]

@@ -1,0 +1,1 @@
+"""Baselines verified by the same tree machinery as FIRP: prompt lookup and Medusa."""
