@@ -22,8 +22,10 @@ try:
     import torch
     from torch.utils import cpp_extension
 except ImportError:
-    sys.exit("firp-engine builds against an installed torch: run `pip install torch` first, "
-             "then `pip install -e . --no-build-isolation`.")
+    sys.exit(
+        "firp-engine builds against an installed torch: run `pip install torch` first, "
+        "then `pip install -e . --no-build-isolation`."
+    )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -31,7 +33,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 _AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", *_AVX2]
 ISA_LEVELS = [
-    ("avx512bf16", {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}, [*_AVX512, "-mavx512bf16"]),
+    (
+        "avx512bf16",
+        {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
+        [*_AVX512, "-mavx512bf16"],
+    ),
     ("avx512", {"avx512f", "avx512bw", "avx512vl", "avx512dq"}, _AVX512),
     ("avx2", {"avx2", "fma", "f16c"}, _AVX2),
 ]
@@ -41,8 +47,12 @@ def compiler_accepts(flags: list[str]) -> bool:
     """True when the C++ compiler builds an empty file with these flags."""
     cxx = os.environ.get("CXX", "c++")
     try:
-        res = subprocess.run([cxx, *flags, "-x", "c++", "-c", "-o", os.devnull, "-"], input=b"int f() { return 0; }\n",
-                             capture_output=True, timeout=60)
+        res = subprocess.run(
+            [cxx, *flags, "-x", "c++", "-c", "-o", os.devnull, "-"],
+            input=b"int f() { return 0; }\n",
+            capture_output=True,
+            timeout=60,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return res.returncode == 0
@@ -75,7 +85,11 @@ def simd_flags() -> list[str]:
 
 
 def with_cuda() -> bool:
-    return bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None and not os.environ.get("FIRP_NO_CUDA")
+    return (
+        bool(torch.version.cuda)
+        and cpp_extension.CUDA_HOME is not None
+        and not os.environ.get("FIRP_NO_CUDA")
+    )
 
 
 def extension():
@@ -85,13 +99,21 @@ def extension():
         cxx.append("-fopenmp")  # at::parallel_for is inline: without it the kernels run on one thread
     common = dict(name="firp_engine._C", include_dirs=[os.path.join(ROOT, "csrc")])
     if not with_cuda():
-        return cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx},
-                                          extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [], **common)
+        return cpp_extension.CppExtension(
+            sources=sources,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [],
+            **common,
+        )
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/bindings_cuda.cpp"]
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-DFIRP_WITH_CUDA"]
-    return cpp_extension.CUDAExtension(sources=sources, define_macros=[("FIRP_WITH_CUDA", None)],
-                                       extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                                       extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [], **common)
+    return cpp_extension.CUDAExtension(
+        sources=sources,
+        define_macros=[("FIRP_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [],
+        **common,
+    )
 
 
 setup(
@@ -104,8 +126,17 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["firp = firp_engine.cli:main"]},
-    install_requires=["torch", "numpy", "safetensors", "gguf", "tokenizers", "sentencepiece", "jinja2", "tqdm",
-                      "matplotlib"],
+    install_requires=[
+        "torch",
+        "numpy",
+        "safetensors",
+        "gguf",
+        "tokenizers",
+        "sentencepiece",
+        "jinja2",
+        "tqdm",
+        "matplotlib",
+    ],
     extras_require={"test": ["pytest", "transformers", "triton", "ruff"]},
     zip_safe=False,
 )

@@ -7,7 +7,9 @@
 #
 #   bash benchmarks/gpu_check.sh
 # Environment: PYTHON (default python3), SKIP_BUILD=1, SKIP_TESTS=1, BENCH_ARGS (extra arguments
-# for gpu_bench.py), OUT (a folder: the full log and the table are also written there).
+# for gpu_bench.py), TEST_TIMEOUT / BENCH_TIMEOUT (seconds, default 600 each), OUT (a folder: the
+# full log and the table are also written there). Build outputs stay in the tree, so a second
+# run on the same machine can use SKIP_BUILD=1.
 # Exit status: 0 when everything ran and passed, 1 otherwise (each step still runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,7 +67,7 @@ section "tests"
 if [[ -n "${SKIP_TESTS:-}" ]]; then
   echo "skipped (SKIP_TESTS)"
 elif [[ -f tests/test_ops.py ]]; then
-  timeout 900 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_ops.py 2>&1 | tail -60
+  timeout "${TEST_TIMEOUT:-600}" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_ops.py 2>&1 | tail -60
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 else
   echo "FAILED: tests/test_ops.py not found"
@@ -74,7 +76,7 @@ fi
 
 section "attention microbenchmarks"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-timeout 900 "$PY" benchmarks/gpu_bench.py $BENCH_JIT ${BENCH_ARGS:-} 2>&1 | tee "$LOG_DIR/gpu_bench.md"
+timeout "${BENCH_TIMEOUT:-600}" "$PY" benchmarks/gpu_bench.py $BENCH_JIT ${BENCH_ARGS:-} 2>&1 | tee "$LOG_DIR/gpu_bench.md"
 [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 
 section "result"

@@ -66,10 +66,14 @@ def cache(dt: torch.dtype, n_tokens: int, layers: int | None = None) -> tuple[to
     return torch.randn(shape, dtype=dt), torch.randn(shape, dtype=dt)
 
 
-def op_cases(dt: torch.dtype) -> list[tuple[str, str, tuple, dict, int]]:
-    """(label, op, args, kwargs, bytes moved) at the default model's shapes."""
+def op_cases(dt: torch.dtype) -> list[tuple[str, str, tuple, int]]:
+    """(label, op, args, bytes moved) at the default model's shapes."""
     t = TREE_NODES + PSEUDO
-    x, res, w = torch.randn(t, D_MODEL, dtype=dt), torch.randn(t, D_MODEL, dtype=dt), torch.randn(D_MODEL, dtype=dt)
+    x, res, w = (
+        torch.randn(t, D_MODEL, dtype=dt),
+        torch.randn(t, D_MODEL, dtype=dt),
+        torch.randn(D_MODEL, dtype=dt),
+    )
     q, k = torch.randn(t, N_HEADS, HEAD_DIM, dtype=dt), torch.randn(t, N_KV, HEAD_DIM, dtype=dt)
     pos = torch.arange(CONTEXT, CONTEXT + t)
     ang = torch.arange(4096, dtype=torch.float32)[:, None] * torch.rand(HEAD_DIM // 2)[None]
@@ -92,30 +96,54 @@ def op_cases(dt: torch.dtype) -> list[tuple[str, str, tuple, dict, int]]:
     src, dst = torch.tensor([0, 3, 9, 20]), torch.arange(4) + t
     scale = HEAD_DIM**-0.5
     return [
-        (f"rms_norm [{t}, 576]", "rms_norm", (x, w, 1e-5), {}, 2 * nbytes(x)),
-        (f"add_rms_norm [{t}, 576]", "add_rms_norm", (x, res, w, 1e-5), {}, 4 * nbytes(x)),
-        (f"rope {t} tokens", "rope", (q, k, pos, cos, sin), {}, 2 * nbytes(q, k)),
-        (f"silu_mul [{t}, 3072]", "silu_mul", (gu,), {}, nbytes(gu) * 3 // 2),
-        (f"write_kv {t} rows", "write_kv", (kc, vc, kn, vn, slots), {}, 2 * nbytes(kn, vn)),
-        ("decode attn B=1, 1k ctx", "paged_decode_attention", (q1, kc, vc, pages[None], lens1, scale), {},
-         kv_bytes),
-        ("decode attn B=8, 1k ctx", "paged_decode_attention", (q8, kc8, vc8, pages8, lens8, scale), {},
-         8 * kv_bytes),
-        (f"tree attn {TREE_NODES}+{PSEUDO} rows, 1k ctx", "tree_attention",
-         (q, kc, vc, pages, CONTEXT, kn, vn, mask, scale), {}, kv_bytes + nbytes(q, kn, vn, q)),
-        (f"firp_project n={TREE_NODES}, k=3", "firp_project", (h, pw, pb), {}, nbytes(pw)),
-        ("kv_commit 30 layers, 4 rows", "kv_commit", (kcl, vcl, ks, vs, src, dst), {},
-         2 * 2 * 30 * 4 * N_KV * HEAD_DIM * kcl.element_size()),
+        (f"rms_norm [{t}, 576]", "rms_norm", (x, w, 1e-5), 2 * nbytes(x)),
+        (f"add_rms_norm [{t}, 576]", "add_rms_norm", (x, res, w, 1e-5), 4 * nbytes(x)),
+        (f"rope {t} tokens", "rope", (q, k, pos, cos, sin), 2 * nbytes(q, k)),
+        (f"silu_mul [{t}, 3072]", "silu_mul", (gu,), nbytes(gu) * 3 // 2),
+        (f"write_kv {t} rows", "write_kv", (kc, vc, kn, vn, slots), 2 * nbytes(kn, vn)),
+        (
+            "decode attn B=1, 1k ctx",
+            "paged_decode_attention",
+            (q1, kc, vc, pages[None], lens1, scale),
+            kv_bytes,
+        ),
+        (
+            "decode attn B=8, 1k ctx",
+            "paged_decode_attention",
+            (q8, kc8, vc8, pages8, lens8, scale),
+            8 * kv_bytes,
+        ),
+        (
+            f"tree attn {TREE_NODES}+{PSEUDO} rows, 1k ctx",
+            "tree_attention",
+            (q, kc, vc, pages, CONTEXT, kn, vn, mask, scale),
+            kv_bytes + nbytes(q, kn, vn, q),
+        ),
+        (f"firp_project n={TREE_NODES}, k=3", "firp_project", (h, pw, pb), nbytes(pw)),
+        (
+            "kv_commit 30 layers, 4 rows",
+            "kv_commit",
+            (kcl, vcl, ks, vs, src, dst),
+            2 * 2 * 30 * 4 * N_KV * HEAD_DIM * kcl.element_size(),
+        ),
     ]
 
 
 def bench_ops(dt: torch.dtype, backend: str) -> list[dict]:
     rows = []
-    for label, op, args, kwargs, moved in op_cases(dt):
+    for label, op, args, moved in op_cases(dt):
         ref = timeit(lambda op=op, args=args: ops.get(op, "torch")(*args))
         fast = timeit(lambda op=op, args=args: ops.get(op, backend)(*args))
-        rows.append({"op": label, "torch_ms": ref * 1e3, f"{backend}_ms": fast * 1e3, "speedup": ref / fast,
-                     "torch_GBps": moved / ref / 1e9, f"{backend}_GBps": moved / fast / 1e9})
+        rows.append(
+            {
+                "op": label,
+                "torch_ms": ref * 1e3,
+                f"{backend}_ms": fast * 1e3,
+                "speedup": ref / fast,
+                "torch_GBps": moved / ref / 1e9,
+                f"{backend}_GBps": moved / fast / 1e9,
+            }
+        )
     return rows
 
 
@@ -129,15 +157,25 @@ def bench_linear(dt: torch.dtype, backend: str) -> list[dict]:
             x = torch.randn(m, k, dtype=dt)
             # the reference gets fewer repeats: its bf16 path is slow on large M
             ref = timeit(lambda x=x, w=w: ops.linear(x, w, w), min_time=0.02, repeats=3)
-            fast = timeit(lambda x=x, w=w, p=packed: lin(x, w, p))
-            rows.append({"weight": name, "M": m, "torch_ms": ref * 1e3, f"{backend}_ms": fast * 1e3,
-                         "torch_GBps": nbytes(w) / ref / 1e9, f"{backend}_GBps": nbytes(w) / fast / 1e9})
+            fast = timeit(lambda x=x, w=w, p=packed, f=lin: f(x, w, p))
+            rows.append(
+                {
+                    "weight": name,
+                    "M": m,
+                    "torch_ms": ref * 1e3,
+                    f"{backend}_ms": fast * 1e3,
+                    "torch_GBps": nbytes(w) / ref / 1e9,
+                    f"{backend}_GBps": nbytes(w) / fast / 1e9,
+                }
+            )
     return rows
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v: object) -> str:
-        return f"{v:.3f}" if isinstance(v, float) and v < 10 else f"{v:.1f}" if isinstance(v, float) else str(v)
+        if not isinstance(v, float):
+            return str(v)
+        return f"{v:.3f}" if v < 10 else f"{v:.1f}"
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
@@ -163,8 +201,10 @@ def main() -> None:
 
         isa = _C.cpu_isa
     bw = copy_bandwidth()
-    print(f"# kernels: {args.backend} ({isa}) vs torch, {args.dtype}, {args.threads} threads, "
-          f"copy bandwidth {bw:.1f} GB/s\n")
+    print(
+        f"# kernels: {args.backend} ({isa}) vs torch, {args.dtype}, {args.threads} threads, "
+        f"copy bandwidth {bw:.1f} GB/s\n"
+    )
     op_rows = bench_ops(dt, args.backend)
     b = args.backend
     print(table(op_rows, ["op", "torch_ms", f"{b}_ms", "speedup", "torch_GBps", f"{b}_GBps"]))
@@ -172,12 +212,27 @@ def main() -> None:
     if lin_rows:
         for r in lin_rows:
             r["pct_of_copy_bw"] = 100 * r[f"{b}_GBps"] / bw
-        print("\n" + table(lin_rows, ["weight", "M", "torch_ms", f"{b}_ms", "torch_GBps", f"{b}_GBps",
-                                      "pct_of_copy_bw"]))
+        print(
+            "\n"
+            + table(
+                lin_rows, ["weight", "M", "torch_ms", f"{b}_ms", "torch_GBps", f"{b}_GBps", "pct_of_copy_bw"]
+            )
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"backend": b, "isa": isa, "dtype": args.dtype, "threads": args.threads,
-                       "copy_GBps": bw, "ops": op_rows, "linear": lin_rows}, f, indent=1)
+            json.dump(
+                {
+                    "backend": b,
+                    "isa": isa,
+                    "dtype": args.dtype,
+                    "threads": args.threads,
+                    "copy_GBps": bw,
+                    "ops": op_rows,
+                    "linear": lin_rows,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -68,25 +68,34 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--positions-per-seq", type=int, default=32)
     ap.add_argument("--batch-positions", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default=str(ROOT / "runs" / "ctx_cache"))
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sweep.json"))
+    ap.add_argument("--warm", action="store_true", help="only fill the context cache with what data exists")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     t_start, c_start = time.monotonic(), time.process_time()
     ckpt = load(args.model)
     model = Transformer(ckpt, "fp32")
-    train_set, val_set, desc = T.load_data(args.samples, args.val, args.data_dir)
+    if args.warm:  # whatever exists so far, held-out slice first
+        from firp_engine.firp import data
+
+        train_set = data.load_selfdistill("train", args.data_dir)[: args.samples]
+        val_set = data.load_selfdistill("validation", args.data_dir)[: args.val]
+    else:
+        train_set, val_set, desc = T.load_data(args.samples, args.val, args.data_dir)
     layers = ints(args.layers)
     base = T.TrainConfig(
         layer=layers[0],
         k=args.k,
         epochs=args.epochs,
         lr=args.lr,
+        warmup=args.warmup,
         batch_positions=args.batch_positions,
         positions_per_seq=args.positions_per_seq,
         seed=args.seed,
@@ -94,6 +103,11 @@ def main() -> None:
         ckpt_every=0,
     )
     store = T.ContextStore(model, layers, base.n_top, base.max_len, False, args.cache_dir, ckpt.fingerprint())
+    if args.warm:
+        for ex in T._bar(val_set + train_set, "context passes", True):
+            store.get(ex)
+        print(store.stats())
+        return
     out = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads "
         "(2-core AMD EPYC CPU, shared with other jobs)",

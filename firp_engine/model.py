@@ -26,7 +26,7 @@ class Linear:
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight.contiguous()
-        self.packed = ops.call("pack_linear", self.weight)
+        self.packed = ops.get("pack_linear")(self.weight)  # not ops.call: packing is never autograd
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return ops.call("linear", x, self.weight, self.packed)

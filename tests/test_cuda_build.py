@@ -286,7 +286,7 @@ def _pages(lengths: list[int], kv_heads: int, d: int, dtype, bs: int = 16):
             1000,
         ),  # G=3 (built as 4), 3 splits, splits past short contexts
         (torch.bfloat16, 4, 2, 128, [260, 0, 129], 1000),  # several splits, an empty context
-        (torch.float32, 8, 1, 64, [130], 1),  # G=8, one split: written directly
+        (torch.float32, 8, 1, 64, [100], 1),  # G=8, one split: written directly
         (torch.bfloat16, 4, 4, 128, [0, 5], 1),  # G=1, one split, an empty context
     ],
 )

@@ -136,17 +136,38 @@ def test_pseudo_rows_match_inference_tree_forward(model):
         torch.testing.assert_close(got[g * K : (g + 1) * K], want, atol=1e-4, rtol=1e-4)
 
 
-def test_loss_falls(model):
+def test_kl_is_the_full_vocab_kl_when_top_n_covers_the_vocab(model):
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(5, model.cfg.hidden_size, generator=g)
+    t_logits_full = 3 * torch.randn(5, model.cfg.vocab_size, generator=g)
+    want = torch.nn.functional.kl_div(
+        torch.log_softmax(model.logits(h), -1),
+        torch.log_softmax(t_logits_full, -1),
+        log_target=True,
+        reduction="none",
+    ).sum(-1)
+    for n, loss in ((model.cfg.vocab_size, "tail"), (model.cfg.vocab_size, "top"), (8, "tail")):
+        top = t_logits_full.topk(n, dim=-1)
+        kl, hit = T.kl_to_teacher(model, h, top.indices, top.values, t_logits_full.logsumexp(-1), loss)
+        if n == model.cfg.vocab_size:
+            torch.testing.assert_close(kl, want, atol=1e-4, rtol=1e-4)
+        else:  # grouping the tail into one bucket can only lower the KL
+            assert (kl <= want + 1e-5).all() and (kl > 0).all()
+        assert torch.equal(hit, model.logits(h).argmax(-1) == top.indices[:, 0])
+
+
+@pytest.mark.parametrize("loss", ["tail", "top"])
+def test_loss_falls(model, loss):
     data = examples(4)
-    c = cfg(epochs=8)
+    c = cfg(epochs=8, loss=loss)
     head0 = FirpHead(model.cfg.hidden_size, K, LAYER)
     probe = [(T.context_pass(model, ex, [LAYER], c.n_top, 1024), None) for ex in data]
     probe = [(ctx, T.candidate_positions(ctx, K, False)[1]) for ctx, _ in probe]
     with torch.no_grad():
-        before = T.distill_loss(model, head0, probe, c.weights())[0].item()
+        before = T.distill_loss(model, head0, probe, c.weights(), loss)[0].item()
     head, state = T.train(model, data, c)
     with torch.no_grad():
-        after = T.distill_loss(model, head, probe, c.weights())[0].item()
+        after = T.distill_loss(model, head, probe, c.weights(), loss)[0].item()
     assert state.step == 16 and len(state.history) == 16
     assert after < 0.8 * before, (before, after)
 

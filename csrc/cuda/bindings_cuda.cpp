@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 
@@ -28,6 +29,14 @@ FirpDtype dtype_of(const at::Tensor& t, const char* name) {
 
 void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "firp cuda: ", name, " must be a CUDA tensor");
+}
+
+// Every tensor an op reads or writes on the device of its first argument (else a kernel would
+// dereference host or foreign memory).
+void check_device(const at::Tensor& first, std::initializer_list<const at::Tensor*> others, const char* op) {
+  for (const at::Tensor* t : others)
+    TORCH_CHECK(t->device() == first.device(), "firp cuda ", op, ": all tensors must be on ", first.device(),
+                ", got one on ", t->device());
 }
 
 void check_launch(cudaError_t err, const char* op) {
@@ -99,7 +108,9 @@ FirpPagedKV paged_kv(const at::Tensor& k_cache, const at::Tensor& v_cache) {
 
 at::Tensor cuda_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, OptTensor out) {
   check_cuda(x, "x");
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1), "firp cuda rms_norm: x [T, d], weight [d]");
+  check_device(x, {&weight}, "rms_norm");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1),
+              "firp cuda rms_norm: x [T, d], weight [d]");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "firp cuda rms_norm: weight dtype must match x");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xr = rows_of(x), w = weight.contiguous();
@@ -114,6 +125,7 @@ at::Tensor cuda_rms_norm(const at::Tensor& x, const at::Tensor& weight, double e
 std::tuple<at::Tensor, at::Tensor> cuda_add_rms_norm(const at::Tensor& x, at::Tensor residual,
                                                      const at::Tensor& weight, double eps) {
   check_cuda(x, "x");
+  check_device(x, {&residual, &weight}, "add_rms_norm");
   TORCH_CHECK(x.dim() == 2 && residual.sizes() == x.sizes() && weight.dim() == 1 && weight.size(0) == x.size(1),
               "firp cuda add_rms_norm: x, residual [T, d], weight [d]");
   TORCH_CHECK(residual.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
@@ -136,6 +148,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_add_rms_norm(const at::Tensor& x, at::Te
 std::tuple<at::Tensor, at::Tensor> cuda_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                                              const at::Tensor& cos, const at::Tensor& sin) {
   check_cuda(q, "q");
+  check_device(q, {&k, &positions, &cos, &sin}, "rope");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.size(0) == q.size(0) && k.size(2) == q.size(2),
               "firp cuda rope: q [T, H, D], k [T, Hkv, D]");
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), "firp cuda rope: q and k must share a dtype");
@@ -173,6 +186,7 @@ at::Tensor cuda_silu_mul(const at::Tensor& gate_up, OptTensor out) {
 void cuda_write_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& slots) {
   check_cuda(k_cache, "k_cache");
+  check_device(k_cache, {&v_cache, &k, &v, &slots}, "write_kv");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k.dim() == 3 && v.sizes() == k.sizes() &&
                   k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3) && slots.numel() == k.size(0),
               "firp cuda write_kv: caches [NB, BS, Hkv, D], k/v [T, Hkv, D], slots [T]");
@@ -192,6 +206,7 @@ void cuda_write_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, 
 void cuda_kv_commit(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k_scratch, const at::Tensor& v_scratch,
                     const at::Tensor& src_rows, const at::Tensor& dst_slots) {
   check_cuda(k_cache, "k_cache");
+  check_device(k_cache, {&v_cache, &k_scratch, &v_scratch, &src_rows, &dst_slots}, "kv_commit");
   TORCH_CHECK(k_cache.dim() == 5 && v_cache.sizes() == k_cache.sizes() && k_scratch.dim() == 4 &&
                   v_scratch.sizes() == k_scratch.sizes() && k_scratch.size(0) == k_cache.size(0) &&
                   k_scratch.size(2) == k_cache.size(3) && k_scratch.size(3) == k_cache.size(4) &&
@@ -223,6 +238,8 @@ void cuda_kv_commit(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k_
 
 at::Tensor cuda_firp_project(const at::Tensor& h, const at::Tensor& weight, const OptTensor& bias, OptTensor out) {
   check_cuda(h, "h");
+  check_device(h, {&weight}, "firp_project");
+  if (bias.has_value()) check_device(h, {&*bias}, "firp_project");
   TORCH_CHECK(h.dim() == 2 && weight.dim() == 3 && weight.size(1) == h.size(1) && weight.size(2) == h.size(1),
               "firp cuda firp_project: h [n, d], weight [k, d, d]");
   TORCH_CHECK(h.size(1) % 8 == 0, "firp cuda firp_project: d must be a multiple of 8");
@@ -256,6 +273,7 @@ at::Tensor cuda_paged_decode_attention(const at::Tensor& q, const at::Tensor& k_
                                        const at::Tensor& page_tables, const at::Tensor& context_lens, double scale,
                                        OptTensor out) {
   check_cuda(q, "q");
+  check_device(q, {&k_cache, &v_cache, &page_tables, &context_lens}, "paged_decode_attention");
   TORCH_CHECK(q.dim() == 3 && page_tables.dim() == 2 && page_tables.size(0) == q.size(0) &&
                   context_lens.numel() == q.size(0),
               "firp cuda paged_decode_attention: q [B, H, D], page_tables [B, P], context_lens [B]");
@@ -295,6 +313,7 @@ at::Tensor cuda_tree_attention(const at::Tensor& q, const at::Tensor& k_cache, c
                                const at::Tensor& page_table, int64_t prefix_len, const at::Tensor& k_new,
                                const at::Tensor& v_new, const at::Tensor& mask_bits, double scale, OptTensor out) {
   check_cuda(q, "q");
+  check_device(q, {&k_cache, &v_cache, &page_table, &k_new, &v_new, &mask_bits}, "tree_attention");
   TORCH_CHECK(q.dim() == 3 && k_new.dim() == 3 && v_new.sizes() == k_new.sizes() && mask_bits.dim() == 2 &&
                   mask_bits.size(0) == q.size(0),
               "firp cuda tree_attention: q [T, H, D], k_new/v_new [S, Hkv, D], mask_bits [T, W]");

@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
     const T* __restrict__ v_cache,             // [NB, BS, Hkv, D] (strides in kv)
     const FirpPagedKV kv,                      // strides and block size (its pointers unused here)
     const int32_t* __restrict__ page_tables,   // [B, P], rows page_table_stride apart
-    const int64_t page_table_stride,           //
+    const int64_t page_table_stride,           // scalar: elements between page-table rows (>= P)
     const int32_t* __restrict__ context_lens,  // [B]
     const int heads, const int kv_heads,       // H, Hkv
     const float scale_log2,                    // softmax scale * log2 e
@@ -225,9 +225,8 @@ extern "C" cudaError_t launch_paged_decode_attention(
     return cudaErrorInvalidValue;
   if (num_splits > 1 && (part_o == nullptr || part_lse == nullptr)) return cudaErrorInvalidValue;
   if (batch == 0) return cudaSuccess;
-  const firp::DecodeArgs a{q,     cache,    page_tables, page_table_stride, context_lens, batch,
-                           heads, kv_heads, scale * firp::kLog2e, num_splits, split_tokens, out,
-                           part_o, part_lse};
+  const firp::DecodeArgs a{q, cache, page_tables, page_table_stride, context_lens, batch, heads, kv_heads,
+                           scale * firp::kLog2e, num_splits, split_tokens, out, part_o, part_lse};
   cudaError_t err = cudaErrorInvalidValue;
   if (dtype == FIRP_BF16) err = firp::run_dim<__nv_bfloat16>(head_dim, a, stream);
   if (dtype == FIRP_F32) err = firp::run_dim<float>(head_dim, a, stream);

@@ -14,15 +14,15 @@ constexpr int kSiluThreads = 256;
 template <typename T>
 __global__ void __launch_bounds__(kRopeThreads) rope_kernel(
     const T* __restrict__ q,                 // [T, H, D] (q_token_stride, q_head_stride)
-    const int64_t q_token_stride, const int64_t q_head_stride,
+    const int64_t q_token_stride, const int64_t q_head_stride,  // scalars: q's strides over T and H
     const T* __restrict__ k,                 // [T, Hkv, D] (k_token_stride, k_head_stride)
-    const int64_t k_token_stride, const int64_t k_head_stride,
+    const int64_t k_token_stride, const int64_t k_head_stride,  // scalars: k's strides over T and Hkv
     const int64_t* __restrict__ positions,   // [T]
     const float* __restrict__ cos_table,     // [max_pos, D / 2]
     const float* __restrict__ sin_table,     // [max_pos, D / 2]
     T* __restrict__ q_out,                   // [T, H, D] contiguous
     T* __restrict__ k_out,                   // [T, Hkv, D] contiguous
-    const int heads, const int kv_heads, const int head_dim) {
+    const int heads, const int kv_heads, const int head_dim) {  // H, Hkv, D
   const int64_t t = blockIdx.x;
   const int half = head_dim / 2;
   const int64_t pos = positions[t];
@@ -45,10 +45,10 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(
 template <typename T>
 __global__ void __launch_bounds__(kSiluThreads) silu_mul_kernel(
     const T* __restrict__ gate_up,  // [T, 2F], rows in_stride apart
-    const int64_t in_stride,        //
+    const int64_t in_stride,        // scalar: elements between rows of gate_up
     T* __restrict__ out,            // [T, F], rows out_stride apart
-    const int64_t out_stride,       //
-    const int64_t tokens, const int ffn) {
+    const int64_t out_stride,       // scalar: elements between rows of out
+    const int64_t tokens, const int ffn) {  // T, F
   const int64_t n = tokens * ffn;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kSiluThreads) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * kSiluThreads) {

@@ -18,12 +18,12 @@ constexpr int kPack = 8;       // elements per lane per step (d must be a multip
 template <typename T, typename W>
 __global__ void __launch_bounds__(kProjWarps * 32) firp_project_kernel(
     const T* __restrict__ h,       // [n, d], rows h_stride apart
-    const int64_t h_stride,        //
+    const int64_t h_stride,        // scalar: elements between rows of h
     const W* __restrict__ weight,  // [k, d, d]: weight[i][e] holds output feature e's input weights
     const float* __restrict__ bias,  // [k, d] fp32, or nullptr
     T* __restrict__ out,           // [n * k, d], rows out_stride apart
-    const int64_t out_stride,      //
-    const int n, const int k, const int d) {
+    const int64_t out_stride,      // scalar: elements between rows of out
+    const int n, const int k, const int d) {  // nodes, maps, hidden size
   const int lane = threadIdx.x % 32;
   const int e = blockIdx.x * kProjWarps + threadIdx.x / 32;
   const int i = blockIdx.y;

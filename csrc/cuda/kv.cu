@@ -14,11 +14,11 @@ __global__ void __launch_bounds__(kCopyThreads) write_kv_kernel(
     T* __restrict__ k_cache,              // [NB * BS, Hkv, D] contiguous
     T* __restrict__ v_cache,              // [NB * BS, Hkv, D] contiguous
     const T* __restrict__ k,              // [T, Hkv, D] (k_token_stride, k_head_stride)
-    const int64_t k_token_stride, const int64_t k_head_stride,
+    const int64_t k_token_stride, const int64_t k_head_stride,  // scalars: k's strides over T and Hkv
     const T* __restrict__ v,              // [T, Hkv, D] (v_token_stride, v_head_stride)
-    const int64_t v_token_stride, const int64_t v_head_stride,
+    const int64_t v_token_stride, const int64_t v_head_stride,  // scalars: v's strides over T and Hkv
     const int64_t* __restrict__ slots,    // [T]
-    const int kv_heads, const int head_dim) {
+    const int kv_heads, const int head_dim) {  // Hkv, D
   constexpr int kPack = 16 / sizeof(T);
   const int64_t t = blockIdx.x;
   const int64_t slot = slots[t];
@@ -37,11 +37,11 @@ template <typename T>
 __global__ void __launch_bounds__(kCopyThreads) kv_commit_kernel(
     T* __restrict__ k_cache,                // [L, NB * BS, row_elems], layers cache_layer_stride apart
     T* __restrict__ v_cache,                // [L, NB * BS, row_elems]
-    const int64_t cache_layer_stride,       //
+    const int64_t cache_layer_stride,       // scalar: elements between layers of the caches
     const T* __restrict__ k_scratch,        // [L, S, row_elems], rows scratch_row_stride apart
     const T* __restrict__ v_scratch,        // [L, S, row_elems]
-    const int64_t scratch_layer_stride,     //
-    const int64_t scratch_row_stride,       //
+    const int64_t scratch_layer_stride,     // scalar: elements between layers of the scratch
+    const int64_t scratch_row_stride,       // scalar: elements between scratch rows (>= Hkv * D)
     const int64_t* __restrict__ src_rows,   // [m]
     const int64_t* __restrict__ dst_slots,  // [m]
     const int row_elems) {                  // Hkv * D

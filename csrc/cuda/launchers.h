@@ -41,21 +41,21 @@ int firp_attention_max_group(void);
 
 cudaError_t launch_rms_norm(FirpDtype dtype,
                             const void* x,       // [rows, dim], rows x_stride apart
-                            int64_t x_stride,    //
+                            int64_t x_stride,    // scalar: elements between rows of x
                             const void* weight,  // [dim]
                             void* out,           // [rows, dim], rows out_stride apart
-                            int64_t out_stride,  //
+                            int64_t out_stride,  // scalar: elements between rows of out
                             int rows, int dim, float eps, cudaStream_t stream);
 
 // residual += x (rounded to dtype, in place), out = rms_norm(residual).
 cudaError_t launch_add_rms_norm(FirpDtype dtype,
                                 const void* x,         // [rows, dim], rows x_stride apart
-                                int64_t x_stride,      //
+                                int64_t x_stride,      // scalar: elements between rows of x
                                 void* residual,        // [rows, dim], rows res_stride apart
-                                int64_t res_stride,    //
+                                int64_t res_stride,    // scalar: elements between rows of residual
                                 const void* weight,    // [dim]
                                 void* out,             // [rows, dim], rows out_stride apart
-                                int64_t out_stride,    //
+                                int64_t out_stride,    // scalar: elements between rows of out
                                 int rows, int dim, float eps, cudaStream_t stream);
 
 // Rotate-half RoPE into fresh contiguous outputs.
@@ -73,9 +73,9 @@ cudaError_t launch_rope(FirpDtype dtype,
 
 cudaError_t launch_silu_mul(FirpDtype dtype,
                             const void* gate_up,  // [T, 2F], rows in_stride apart
-                            int64_t in_stride,    //
+                            int64_t in_stride,    // scalar: elements between rows of gate_up
                             void* out,            // [T, F], rows out_stride apart
-                            int64_t out_stride,   //
+                            int64_t out_stride,   // scalar: elements between rows of out
                             int tokens, int ffn, cudaStream_t stream);
 
 // ------------------------------------------------------------------ KV cache writes
@@ -95,11 +95,11 @@ cudaError_t launch_write_kv(FirpDtype dtype,
 cudaError_t launch_kv_commit(FirpDtype dtype,
                              void* k_cache,                 // [L, NB * BS, Hkv * D], layers cache_layer_stride apart
                              void* v_cache,                 // [L, NB * BS, Hkv * D]
-                             int64_t cache_layer_stride,    //
+                             int64_t cache_layer_stride,    // scalar: elements between layers of the caches
                              const void* k_scratch,         // [L, S, Hkv * D], rows scratch_row_stride apart
                              const void* v_scratch,         // [L, S, Hkv * D]
-                             int64_t scratch_layer_stride,  //
-                             int64_t scratch_row_stride,    //
+                             int64_t scratch_layer_stride,  // scalar: elements between layers of the scratch
+                             int64_t scratch_row_stride,    // scalar: elements between scratch rows (>= Hkv * D)
                              const int64_t* src_rows,       // [m]
                              const int64_t* dst_slots,      // [m]
                              int layers, int m, int row_elems, cudaStream_t stream);
@@ -110,11 +110,11 @@ cudaError_t launch_kv_commit(FirpDtype dtype,
 cudaError_t launch_firp_project(FirpDtype act_dtype,      // h / out
                                 FirpDtype weight_dtype,   // weight
                                 const void* h,            // [n, d], rows h_stride apart
-                                int64_t h_stride,         //
+                                int64_t h_stride,         // scalar: elements between rows of h
                                 const void* weight,       // [k, d, d] contiguous (out x in)
                                 const float* bias,        // [k, d] fp32, or NULL
                                 void* out,                // [n * k, d], rows out_stride apart
-                                int64_t out_stride,       //
+                                int64_t out_stride,       // scalar: elements between rows of out
                                 int n, int k, int d, cudaStream_t stream);
 
 // ------------------------------------------------------------------ attention
@@ -131,7 +131,7 @@ cudaError_t launch_paged_decode_attention(FirpDtype dtype,
                                           const void* q,                // [B, H, D] contiguous
                                           FirpPagedKV cache,            // one layer
                                           const int32_t* page_tables,   // [B, P], rows page_table_stride apart
-                                          int64_t page_table_stride,    //
+                                          int64_t page_table_stride,    // scalar: >= P
                                           const int32_t* context_lens,  // [B]
                                           int batch, int heads, int kv_heads, int head_dim, float scale,
                                           int num_splits, int split_tokens,
@@ -151,7 +151,7 @@ cudaError_t launch_tree_attention(FirpDtype dtype,
                                   const void* q,                // [R, H, D] contiguous
                                   FirpPagedKV cache,            // one layer
                                   const int32_t* page_table,    // [P]
-                                  int prefix_len,               //
+                                  int prefix_len,               // scalar: prefix tokens in the pages (<= P * BS)
                                   const void* k_new,            // [S, Hkv, D] with the strides below
                                   const void* v_new,            // [S, Hkv, D]
                                   int64_t new_token_stride, int64_t new_head_stride,

@@ -15,7 +15,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_states_kernel(
     const float* __restrict__ part_lse,        // [R, NS], log2 units
     const int rows, const int num_splits,      // R, NS
     const int32_t* __restrict__ context_lens,  // [R / rows_per_seq] or nullptr (all splits valid)
-    const int rows_per_seq, const int split_tokens,
+    const int rows_per_seq, const int split_tokens,  // scalars: H for decode; keys per split
     T* __restrict__ out) {                     // [R, D]
   constexpr int kPerLane = D / 32;
   const int lane = threadIdx.x % 32;

@@ -12,13 +12,13 @@ constexpr int kNormThreads = 256;
 template <typename T, bool ADD>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(
     const T* x,                    // [rows, dim], rows x_stride apart
-    const int64_t x_stride,        //
+    const int64_t x_stride,        // scalar: elements between rows of x
     T* residual,                   // [rows, dim], rows res_stride apart (ADD only)
-    const int64_t res_stride,      //
+    const int64_t res_stride,      // scalar: elements between rows of residual
     const T* __restrict__ weight,  // [dim]
     T* out,                        // [rows, dim], rows out_stride apart; may alias x
-    const int64_t out_stride,      //
-    const int dim, const float eps) {
+    const int64_t out_stride,      // scalar: elements between rows of out
+    const int dim, const float eps) {  // d, scalar
   const int64_t row = blockIdx.x;
   const T* xr = x + row * x_stride;
   T* rr = ADD ? residual + row * res_stride : nullptr;

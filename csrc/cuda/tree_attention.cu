@@ -29,16 +29,16 @@ __global__ void __launch_bounds__(kWarps * 32) tree_attention_kernel(
     const T* __restrict__ v_cache,         // [NB, BS, Hkv, D] (strides in kv)
     const FirpPagedKV kv,                  // strides and block size (its pointers unused here)
     const int32_t* __restrict__ page_table,  // [P]
-    const int prefix_len,                  //
+    const int prefix_len,                  // scalar: prefix tokens in the pages (<= P * BS)
     const T* __restrict__ k_new,           // [S, Hkv, D] (new_token_stride, new_head_stride)
     const T* __restrict__ v_new,           // [S, Hkv, D] (same strides)
-    const int64_t new_token_stride, const int64_t new_head_stride,
+    const int64_t new_token_stride, const int64_t new_head_stride,  // scalars: strides over S and Hkv
     const int scratch_len,                 // S
     const uint64_t* __restrict__ mask,     // [R, W]
     const int mask_words,                  // W = ceil(S / 64)
     const int rows, const int heads, const int kv_heads,  // R, H, Hkv
     const float scale_log2,                // softmax scale * log2 e
-    const int split_tokens, const int prefix_splits,
+    const int split_tokens, const int prefix_splits,  // keys per split; splits over the prefix
     T* __restrict__ out,                   // [R, H, D], written when gridDim.y == 1
     float* __restrict__ part_o,            // [R * H, NS, D], written when gridDim.y > 1
     float* __restrict__ part_lse) {        // [R * H, NS]
@@ -92,7 +92,8 @@ __global__ void __launch_bounds__(kWarps * 32) tree_attention_kernel(
       // Tiles start at multiples of 32, so each lies in one half of one mask word.
       const int r = row_lo + static_cast<int>(threadIdx.x);
       uint32_t bits = 0;
-      if (r <= row_hi) bits = static_cast<uint32_t>(mask[static_cast<int64_t>(r) * mask_words + j0 / 64] >> (j0 % 64));
+      if (r <= row_hi)
+        bits = static_cast<uint32_t>(mask[static_cast<int64_t>(r) * mask_words + j0 / 64] >> (j0 % 64));
       if (!__syncthreads_or(bits != 0)) continue;  // uniform: no row of the block sees this tile
     }
 
@@ -223,7 +224,8 @@ extern "C" void firp_tree_plan(int rows, int heads, int kv_heads, int prefix_len
                                int* num_splits, int* prefix_splits, int* split_tokens) {
   using firp::ceil_div;
   const int group = kv_heads > 0 ? heads / kv_heads : 1;
-  const int base_blocks = ceil_div(rows * group > 0 ? rows * group : 1, firp::kQPerBlock) * (kv_heads > 0 ? kv_heads : 1);
+  const int vectors = rows * group > 0 ? rows * group : 1;  // (row, query head) pairs per kv head
+  const int base_blocks = ceil_div(vectors, firp::kQPerBlock) * (kv_heads > 0 ? kv_heads : 1);
   const int wanted = ceil_div(4 * (num_sms > 0 ? num_sms : 1), base_blocks);
   const int keys = prefix_len + scratch_len > 0 ? prefix_len + scratch_len : 1;
   int tokens = ceil_div(ceil_div(keys, wanted), 64) * 64;  // multiple of 64: tiles never straddle mask words
@@ -246,11 +248,9 @@ extern "C" cudaError_t launch_tree_attention(FirpDtype dtype, const void* q, Fir
     return cudaErrorInvalidValue;
   if (num_splits > 1 && (part_o == nullptr || part_lse == nullptr)) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
-  const firp::TreeArgs a{q,           cache,        page_table, prefix_len,          k_new,
-                         v_new,       new_token_stride, new_head_stride, scratch_len, mask,
-                         mask_words,  rows,         heads,      kv_heads,            scale * firp::kLog2e,
-                         num_splits,  prefix_splits, split_tokens, out,              part_o,
-                         part_lse};
+  const firp::TreeArgs a{q, cache, page_table, prefix_len, k_new, v_new, new_token_stride, new_head_stride,
+                         scratch_len, mask, mask_words, rows, heads, kv_heads, scale * firp::kLog2e,
+                         num_splits, prefix_splits, split_tokens, out, part_o, part_lse};
   cudaError_t err = cudaErrorInvalidValue;
   if (dtype == FIRP_BF16) err = firp::run_dim<__nv_bfloat16>(head_dim, a, stream);
   if (dtype == FIRP_F32) err = firp::run_dim<float>(head_dim, a, stream);

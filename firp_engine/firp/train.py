@@ -4,14 +4,16 @@ One example is one sequence (a prompt and the model's own greedy reply). Per seq
 
 1. the context pass (no grad): the whole model over the sequence with a dense causal
    attention, keeping the layer-l residual h at every position, the K/V (post-RoPE) of
-   every upper layer l..L-1 and the teacher's top-n logits at every position;
+   every upper layer l..L-1 and the teacher's top-n logits (+ full log-sum-exp) at every
+   reply position. It costs more than the pseudo pass, so `ContextStore` can keep it on
+   disk: later epochs, other layers and other k reuse it;
 2. the pseudo pass (grad into the head only): for a sample of positions p, the k rows
    W_i h[p] at RoPE positions p+i run through layers l..L-1. They attend to the cached
    context K/V of positions <= p (the context rows are not re-run: ~3x cheaper) and to
    the rows of their own group with offset <= their own, exactly as at inference;
-3. the loss: per offset, KL(teacher || student) over the teacher's top-n ids at the real
-   row p+i (which predicts token p+i+1), both sides renormalised over those ids, so the
-   49152-wide LM head is only evaluated on n ids per row.
+3. the loss: per offset, KL(teacher || student) at the real row p+i (which predicts
+   token p+i+1) over the teacher's top-n ids plus one bucket for the rest of the vocab
+   (see kl_to_teacher for why the bucket matters).
 
 Everything random is a function of (seed, epoch, sequence index), so a run resumed from
 a checkpoint (head, optimizer, step) continues exactly as an uninterrupted one would.
@@ -55,6 +57,7 @@ class TrainConfig:
     positions_per_seq: int = 64  # groups sampled from one sequence
     prompt_frac: float = 0.0  # share of the sampled positions taken from the prompt
     n_top: int = 64  # teacher ids the KL runs over
+    loss: str = "tail"  # 'tail' (top-n + a rest-of-vocab bucket) or 'top' (renormalised top-n)
     offset_weights: list[float] = field(default_factory=list)  # [] = all 1
     max_len: int = 1024  # longer sequences are cut (attention memory)
     warmup: int = 20
@@ -90,6 +93,7 @@ class Context:
     v: dict[int, torch.Tensor]  # layer i -> [T, Hkv, D]
     top_ids: torch.Tensor  # int64 [T - row0, n_top]: row j's teacher candidates for token j+1, best first
     top_logits: torch.Tensor  # fp32 [T - row0, n_top]
+    lse: torch.Tensor  # fp32 [T - row0]: log-sum-exp of the teacher's full logits
     row0: int
 
     def covers(self, layers: list[int], n_top: int, row0: int) -> bool:
@@ -162,14 +166,18 @@ def context_pass(
     t, n_prompt = ids.shape[0], min(len(prompt), ids.shape[0])
     hs, ks, vs, h_final = run_context(model, ids, layers)
     row0 = 0 if with_prompt else n_prompt
-    top_ids, top_logits = [], []
+    top_ids, top_logits, lse = (
+        [torch.zeros(0, n_top, dtype=torch.int64)],
+        [torch.zeros(0, n_top)],
+        [torch.zeros(0)],
+    )
     for a in range(row0, t, 256):
-        top = model.logits(h_final[a : a + 256]).topk(n_top, dim=-1)  # logits [<=256, V] fp32
+        logits = model.logits(h_final[a : a + 256])  # [<=256, V] fp32
+        top = logits.topk(n_top, dim=-1)
         top_ids.append(top.indices)
         top_logits.append(top.values)
-    if not top_ids:
-        top_ids, top_logits = [torch.zeros(0, n_top, dtype=torch.int64)], [torch.zeros(0, n_top)]
-    return Context(t, n_prompt, hs, ks, vs, torch.cat(top_ids), torch.cat(top_logits), row0)
+        lse.append(logits.logsumexp(-1))
+    return Context(t, n_prompt, hs, ks, vs, torch.cat(top_ids), torch.cat(top_logits), torch.cat(lse), row0)
 
 
 class ContextStore:
@@ -315,43 +323,75 @@ def pseudo_forward(
 
 def targets(
     segs: list[tuple[Context, torch.Tensor]], k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher rows p+i for every pseudo row: top ids [N, n], top logits [N, n], valid bool [N]."""
-    ids, logits, valid = [], [], []
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher rows p+i for every pseudo row: top ids [N, n], top logits [N, n], full
+    log-sum-exp [N], valid bool [N]."""
+    ids, logits, lse, valid = [], [], [], []
     for ctx, pos in segs:
         rows = (pos[:, None] + torch.arange(1, k + 1)).reshape(-1)
         ok = (rows <= ctx.length - 2) & (rows >= ctx.row0)
         rows = (rows.clamp(max=ctx.length - 1) - ctx.row0).clamp(min=0)
         ids.append(ctx.top_ids[rows])
         logits.append(ctx.top_logits[rows])
+        lse.append(ctx.lse[rows])
         valid.append(ok)
-    return torch.cat(ids), torch.cat(logits), torch.cat(valid)
+    return torch.cat(ids), torch.cat(logits), torch.cat(lse), torch.cat(valid)
 
 
-def student_top_logits(model: Transformer, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Final norm + the LM head restricted to ids: h [N, d], ids [N, n] -> fp32 [N, n]."""
-    x = ops.call("rms_norm", h, model.norm, model.cfg.rms_eps)
-    w = model.lm_head.weight[ids]  # [N, n, d]
-    return torch.einsum("nd,nvd->nv", x.float(), w.float())
+def kl_to_teacher(
+    model: Transformer,
+    h: torch.Tensor,
+    t_ids: torch.Tensor,
+    t_logits: torch.Tensor,
+    t_lse: torch.Tensor,
+    loss: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row KL(teacher || student) and student-top-1 hit, h [N, d] final hidden states.
+
+    'tail': the teacher's top-n ids plus one bucket for the rest of the vocab, with true
+    (full-softmax) probabilities on both sides: mass the student puts outside the teacher's
+    top-n is penalised, so its full-vocab argmax is what the loss trains. Needs the full
+    LM head with gradients (~+50% on a pseudo pass at l=20).
+    'top': both sides renormalised over the teacher's top-n (n LM-head rows per pseudo row,
+    nearly free), blind to student mass outside them; hit = argmax among the n ids."""
+    x = ops.call("rms_norm", h, model.norm, model.cfg.rms_eps).float()
+    w = model.lm_head.weight
+    if loss == "top":
+        s_top = torch.einsum("nd,nvd->nv", x, w[t_ids].float())  # [N, n]
+        t_logp = torch.log_softmax(t_logits, dim=-1)
+        kl = (t_logp.exp() * (t_logp - torch.log_softmax(s_top, dim=-1))).sum(-1)
+        return kl, s_top.argmax(-1) == 0  # the teacher's argmax is column 0
+    logits = torch.nn.functional.linear(x, w.float())  # [N, V]
+    s_lse = logits.logsumexp(-1, keepdim=True)
+    s_logp = logits.gather(1, t_ids) - s_lse  # [N, n]
+    t_logp = t_logits - t_lse[:, None]
+    t_p = t_logp.exp()
+    kl = (t_p * (t_logp - s_logp)).sum(-1)
+    if t_ids.shape[1] < logits.shape[1]:  # the rest-of-vocab bucket
+        s_rest = logits.scatter(1, t_ids, float("-inf")).logsumexp(-1) - s_lse[:, 0]  # log q(rest) [N]
+        t_rest = (1 - t_p.sum(-1)).clamp(min=0)
+        kl = kl + torch.xlogy(t_rest, t_rest) - t_rest * s_rest
+    return kl, logits.argmax(-1) == t_ids[:, 0]
 
 
 def distill_loss(
-    model: Transformer, head: FirpHead, segs: list[tuple[Context, torch.Tensor]], weights: torch.Tensor
+    model: Transformer,
+    head: FirpHead,
+    segs: list[tuple[Context, torch.Tensor]],
+    weights: torch.Tensor,
+    loss: str = "tail",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Offset-weighted KL(teacher || student) on the renormalised teacher top-n.
-    Returns (loss, per-offset top-1 among the top-n ids [k], per-offset valid rows [k])."""
+    """Offset-weighted mean KL (see kl_to_teacher). Returns (loss, per-offset top-1 [k],
+    per-offset valid rows [k])."""
     k = head.k
-    t_ids, t_logits, valid = targets(segs, k)
-    s_logits = student_top_logits(model, pseudo_forward(model, head, segs), t_ids)
-    t_logp = torch.log_softmax(t_logits, dim=-1)
-    kl = (t_logp.exp() * (t_logp - torch.log_softmax(s_logits, dim=-1))).sum(-1)  # [N]
-    kl, valid = kl.view(-1, k), valid.view(-1, k).float()
+    t_ids, t_logits, t_lse, valid = targets(segs, k)
+    kl, hit = kl_to_teacher(model, pseudo_forward(model, head, segs), t_ids, t_logits, t_lse, loss)
+    kl, hit, valid = kl.view(-1, k), hit.view(-1, k).float(), valid.view(-1, k).float()
     n_valid = valid.sum(0)  # [k]
     per_offset = (kl * valid).sum(0) / n_valid.clamp(min=1)
     w = weights * (n_valid > 0)
-    loss = (per_offset * w).sum() / w.sum()
-    hit = (s_logits.argmax(-1) == 0).view(-1, k).float()  # the teacher's argmax is column 0
-    return loss, (hit * valid).sum(0) / n_valid.clamp(min=1), n_valid
+    total = (per_offset * w).sum() / w.sum()
+    return total, (hit * valid).sum(0) / n_valid.clamp(min=1), n_valid
 
 
 # ---------------------------------------------------------------- validation
@@ -520,7 +560,7 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step, total)
             with torch.enable_grad():
-                loss, top1, _ = distill_loss(model, head, segs, weights)
+                loss, top1, _ = distill_loss(model, head, segs, weights, cfg.loss)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()
@@ -556,12 +596,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="head path, without suffix (.safetensors + .json)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=d.warmup, help="steps of linear warmup (then cosine)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--batch-positions", type=int, default=d.batch_positions, help="groups per step")
     p.add_argument("--positions-per-seq", type=int, default=d.positions_per_seq)
     p.add_argument("--prompt-frac", type=float, default=d.prompt_frac)
     p.add_argument("--offset-weights", default="", help="comma-separated loss weight per offset")
     p.add_argument("--n-top", type=int, default=d.n_top, help="teacher ids in the KL")
+    p.add_argument(
+        "--loss", default=d.loss, choices=["tail", "top"], help="KL over top-n + tail, or renormalised top-n"
+    )
     p.add_argument("--max-len", type=int, default=d.max_len)
     p.add_argument("--val", type=int, default=64, help="held-out sequences to validate on (0 = skip)")
     p.add_argument("--val-positions", type=int, default=d.val_positions, help="groups per held-out sequence")
@@ -592,11 +636,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         k=args.k,
         epochs=args.epochs,
         lr=args.lr,
+        warmup=args.warmup,
         weight_decay=args.weight_decay,
         batch_positions=args.batch_positions,
         positions_per_seq=args.positions_per_seq,
         prompt_frac=args.prompt_frac,
         n_top=args.n_top,
+        loss=args.loss,
         offset_weights=weights,
         max_len=args.max_len,
         seed=args.seed,
