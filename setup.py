@@ -31,7 +31,16 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # SIMD levels, best first: (name, /proc/cpuinfo flags needed, compiler flags).
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
-_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", *_AVX2]
+# GCC 12's AVX-512 headers trip its own (maybe-)uninitialized warnings (GCC bug 105593).
+_AVX512 = [
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512dq",
+    *_AVX2,
+    "-Wno-uninitialized",
+    "-Wno-maybe-uninitialized",
+]
 ISA_LEVELS = [
     (
         "avx512bf16",
@@ -92,28 +101,26 @@ def with_cuda() -> bool:
     )
 
 
+def sources(pattern: str) -> list[str]:
+    return sorted(glob.glob(pattern, root_dir=ROOT))
+
+
 def extension():
-    sources = ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    """firp_engine._C: the CPU kernels, plus the CUDA ones (ops named cuda_*) when torch has CUDA."""
+    srcs = ["csrc/bindings.cpp", *sources("csrc/cpu/*.cpp")]
     cxx = ["-O3", "-g0", *simd_flags()]  # -g0: no debug info, builds faster
+    link = []
     if torch.backends.openmp.is_available() and compiler_accepts(["-fopenmp"]):
         cxx.append("-fopenmp")  # at::parallel_for is inline: without it the kernels run on one thread
-    common = dict(name="firp_engine._C", include_dirs=[os.path.join(ROOT, "csrc")])
+        link.append("-fopenmp")
+    common = dict(name="firp_engine._C", include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=link)
     if not with_cuda():
-        return cpp_extension.CppExtension(
-            sources=sources,
-            extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [],
-            **common,
-        )
-    sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/bindings_cuda.cpp"]
-    nvcc = ["-O3", "--expt-relaxed-constexpr", "-DFIRP_WITH_CUDA"]
-    return cpp_extension.CUDAExtension(
-        sources=sources,
-        define_macros=[("FIRP_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-        extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [],
-        **common,
-    )
+        return cpp_extension.CppExtension(sources=srcs, extra_compile_args={"cxx": cxx}, **common)
+    print("firp-engine: building the CUDA kernels too")
+    srcs += [*sources("csrc/cuda/*.cu"), "csrc/cuda/bindings_cuda.cpp"]
+    cxx.append("-DFIRP_WITH_CUDA")  # bindings.cpp then calls register_cuda()
+    nvcc = ["-O3", "--expt-relaxed-constexpr"]
+    return cpp_extension.CUDAExtension(sources=srcs, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)
 
 
 setup(

@@ -75,7 +75,9 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=str(ROOT / "runs" / "ctx_cache"))
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sweep.json"))
-    ap.add_argument("--warm", action="store_true", help="only fill the context cache with what data exists")
+    ap.add_argument(
+        "--warm", action="store_true", help="only fill the context cache (run it alongside on the other core)"
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -103,8 +105,9 @@ def main() -> None:
         ckpt_every=0,
     )
     store = T.ContextStore(model, layers, base.n_top, base.max_len, False, args.cache_dir, ckpt.fingerprint())
-    if args.warm:
-        for ex in T._bar(val_set + train_set, "context passes", True):
+    if args.warm:  # in the order the runs read them, so a sweep started alongside finds them ready
+        order = T.epoch_order(len(train_set), args.seed, 0)
+        for ex in T._bar(val_set + [train_set[i] for i in order], "context passes", True):
             store.get(ex)
         print(store.stats())
         return

@@ -33,6 +33,9 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--head", help="FIRP/Medusa head (default: the shipped one for this model)")
     p.add_argument("--tree-budget", type=int, default=None, help="draft tree nodes (root included)")
+    p.add_argument(
+        "--pseudo-policy", default=None, help="FIRP: which nodes spawn pseudo rows: all, top, top:M"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     from firp_engine.firp import train
 
     train.add_arguments(t)
+    t.add_argument("--method", choices=["firp", "medusa"], default="firp", help="draft head kind")
 
     b = sub.add_parser("bench", help="Spec-Bench: speedup and acceptance of methods over ar")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of benchmarks/spec_bench.py")
@@ -101,7 +105,8 @@ def read_prompts(path: Path) -> tuple[list[str], list]:
 
 
 def _method_opts(args) -> dict:
-    return {"tree_budget": args.tree_budget} if args.tree_budget else {}
+    opts = {"tree_budget": args.tree_budget, "pseudo_policy": args.pseudo_policy}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def _gen_kwargs(args) -> dict:
@@ -216,7 +221,11 @@ def cmd_bench(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.cmd == "train-head":
+        if args.cmd == "train-head" and args.method == "medusa":
+            from firp_engine.baselines import medusa
+
+            medusa.run(args)
+        elif args.cmd == "train-head":
             from firp_engine.firp import train
 
             train.run(args)

@@ -8,9 +8,11 @@
 // ranges by log-sum-exp. Tree attention's keys are the paged prefix (no mask) followed by
 // the step's scratch rows under the bit mask; the scratch goes with the last key range.
 //
-// Two inner paths: few rows (decode) computes each score as a dot product straight from
-// the cache; many rows (tree, prefill) transposes a block of keys once and runs register
-// tiles of 4 rows x KB keys over it, like a small GEMM.
+// Two inner paths:
+//  - few rows (decode, <= 4 rows): each score is a dot product straight from the cache;
+//  - many rows (tree, prefill): the query rows lie along the vector lanes (q transposed once
+//    per item), so scores, softmax and the output update are plain vertical FMAs over a
+//    block of keys, with no transposes or horizontal sums per block.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
@@ -24,19 +26,45 @@ namespace firp {
 namespace {
 
 using namespace simd;
-constexpr int KB = 2 * W;          // keys per block
-constexpr int MR = 4;              // query rows per register tile
-constexpr int ROWS_PER_ITEM = 32;  // query rows per work item
+constexpr int KB = 32;               // keys per block (never straddles a 64-bit mask word)
+constexpr int FEW = 4;               // at most this many rows: the dot-product path
+constexpr int ROWS_PER_ITEM = 64;    // query rows per work item
+// Register tiles of the many-rows path: NK keys (scores) or ND head dims (output) times NRV
+// vectors of rows, 12 accumulators with AVX2 (of 16 registers), 24 with AVX-512 (of 32):
+// more independent FMA chains than the FMA latency x throughput needs.
+constexpr int NK = W == 16 ? 8 : 4;
+constexpr int ND = W == 16 ? 8 : 4;
+constexpr int NRV = 3;
 constexpr int64_t MAX_D = 256;
 constexpr int64_t KEYS_PER_SPLIT = 256;  // do not split key ranges finer than this
+constexpr int64_t PREFETCH_BLOCKS = 2;   // how far ahead the paged keys/values are fetched
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+// Running max of a row that has seen no key yet: finite, so that no inf - inf appears;
+// masked scores are -inf and become exactly 0.
+constexpr float M_EMPTY = -1e30f;
 
-// ---------------------------------------------------------------- block kernels
+// The online-softmax state of one item's query rows, in per-thread buffers.
+struct State {
+  int R = 0;       // rows
+  int RP = 0;      // rows rounded up to whole vectors (many rows)
+  int64_t D = 0;
+  float* q;        // few: [R, D]; many: transposed [D, RP]; scaled by scale * log2(e)
+  float* o;        // unnormalised output, laid out like q
+  float* m;        // [RP] running max
+  float* l;        // [RP] running sum
+  float* s;        // few: [R, KB]; many: [KB, RP] scores, then probabilities
+  float* alpha;    // [RP] rescale factor of the current block
+  float* kb;       // [KB, D] key block as floats (bf16 caches)
+  float* vb;       // [KB, D] value block as floats
+  float* zeros;    // [D] stands in for absent keys
+};
 
-// s[r][i] = q[r] . k[i] for R (<= MR) rows, dot-product form.
+// ---------------------------------------------------------------- few rows
+
+// s[r][i] = q[r] . k[i] for R rows, dot-product form.
 template <int R, typename T>
-inline void scores_dot(const float* q,       // [R, D]
+inline void few_scores(const float* q,       // [R, D]
                        const T* const* kp,   // [n] key rows [D]
                        int n, int64_t D,
                        float* s) {           // [R, KB]
@@ -51,36 +79,12 @@ inline void scores_dot(const float* q,       // [R, D]
   }
 }
 
-// s[r][:] = q[r] . kt for R (<= MR) rows against a transposed key block.
-template <int R>
-inline void scores_tile(const float* q,    // [R, D]
-                        const float* kt,   // [D, KB]
-                        int64_t D,
-                        float* s) {        // [R, KB]
-  constexpr int NK = KB / W;
-  vf acc[R][NK];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NK; ++j) acc[r][j] = zero();
-  for (int64_t d = 0; d < D; ++d) {
-    vf kv[NK];
-    for (int j = 0; j < NK; ++j) kv[j] = load(kt + d * KB + j * W);
-    for (int r = 0; r < R; ++r) {
-      const vf qb = set1(q[r * D + d]);
-      for (int j = 0; j < NK; ++j) acc[r][j] = fma(qb, kv[j], acc[r][j]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NK; ++j) store(s + r * KB + j * W, acc[r][j]);
-}
-
-// Masks out keys >= n and those whose bit is clear, then turns the scores into
-// probabilities against the running max m (updated with l) and returns the factor the
-// accumulated output must be scaled by.
-inline void softmax_rows(float* s,                // [R, KB] log2-domain scores -> probabilities
-                         int R, int n,
-                         const uint64_t* bits,    // [R] visibility of the block's keys, or null
-                         float* m, float* l,      // [R] running max and sum
-                         float* alpha) {          // [R] out
+// Masks keys >= n and those whose bit is clear, turns scores into probabilities against
+// the running max (updating m and l) and sets alpha, the factor for the old output.
+inline void few_softmax(float* s,               // [R, KB]
+                        int R, int n,
+                        const uint64_t* bits,   // [R] visibility of the block's keys, or null
+                        float* m, float* l, float* alpha) {  // [R] each
   for (int r = 0; r < R; ++r) {
     float* sr = s + r * KB;
     for (int i = n; i < KB; ++i) sr[i] = NEG_INF;
@@ -90,11 +94,6 @@ inline void softmax_rows(float* s,                // [R, KB] log2-domain scores 
     vf mx = load(sr);
     for (int j = W; j < KB; j += W) mx = max(mx, load(sr + j));
     const float m_new = std::max(m[r], hmax(mx));
-    if (m_new == NEG_INF) {  // nothing visible to this row yet
-      std::fill(sr, sr + KB, 0.f);
-      alpha[r] = 1.f;
-      continue;
-    }
     alpha[r] = std::exp2(m[r] - m_new);
     vf sum = zero();
     for (int j = 0; j < KB; j += W) {
@@ -108,12 +107,12 @@ inline void softmax_rows(float* s,                // [R, KB] log2-domain scores 
 }
 
 // o[r][c : c + NV*W] = alpha[r] * o[r][...] + sum_i p[r][i] * v[i][...] for R rows.
-template <int R, int NV, typename VT>
-inline void pv_chunk(float* o,              // [R, D]
-                     const float* p,        // [R, KB]
-                     const float* alpha,    // [R]
-                     const VT* const* vp,   // [n] value rows [D]
-                     int n, int64_t c, int64_t D) {
+template <int R, int NV, typename T>
+inline void few_pv(float* o,              // [R, D]
+                   const float* p,        // [R, KB]
+                   const float* alpha,    // [R]
+                   const T* const* vp,    // [n] value rows [D]
+                   int n, int64_t c, int64_t D) {
   vf acc[R][NV];
   for (int r = 0; r < R; ++r) {
     const vf a = set1(alpha[r]);
@@ -131,72 +130,134 @@ inline void pv_chunk(float* o,              // [R, D]
     for (int j = 0; j < NV; ++j) store(o + r * D + c + j * W, acc[r][j]);
 }
 
-template <int R, typename VT>
-inline void pv_rows(float* o, const float* p, const float* alpha, const VT* const* vp, int n, int64_t D) {
+template <int R, typename T>
+inline void few_block(State& st, const T* const* kp, const T* const* vp, int n, const uint64_t* bits) {
+  const int64_t D = st.D;
+  few_scores<R>(st.q, kp, n, D, st.s);
+  few_softmax(st.s, R, n, bits, st.m, st.l, st.alpha);
   int64_t c = 0;
-  for (; c + 2 * W <= D; c += 2 * W) pv_chunk<R, 2>(o, p, alpha, vp, n, c, D);
-  for (; c < D; c += W) pv_chunk<R, 1>(o, p, alpha, vp, n, c, D);
+  for (; c + 2 * W <= D; c += 2 * W) few_pv<R, 2>(st.o, st.s, st.alpha, vp, n, c, D);
+  for (; c < D; c += W) few_pv<R, 1>(st.o, st.s, st.alpha, vp, n, c, D);
 }
 
-// The online-softmax state of one item's query rows, in per-thread buffers.
-struct Rows {
-  int R = 0;
-  int64_t D = 0;
-  float* q;      // [R, D] queries, scaled by scale * log2(e)
-  float* o;      // [R, D] unnormalised output
-  float* m;      // [R]
-  float* l;      // [R]
-  float* s;      // [R, KB] scores / probabilities of the current block
-  float* kt;     // [D, KB] transposed key block
-  float* vb;     // [KB, D] value block as floats
-};
+// ---------------------------------------------------------------- many rows (rows in lanes)
 
-// Rows [r0, r0 + R) (R <= MR) of an item against one key block.
-template <int R, typename T>
-inline void block_rows(Rows& st, int r0, const T* const* kp, const T* const* vp, const float* const* vfp, int n,
-                       const uint64_t* bits, bool transposed) {
-  const int64_t D = st.D;
-  float* q = st.q + r0 * D;
-  float* s = st.s + r0 * KB;
-  if (transposed) scores_tile<R>(q, st.kt, D, s);
-  else scores_dot<R>(q, kp, n, D, s);
-  float alpha[R];
-  softmax_rows(s, R, n, bits ? bits + r0 : nullptr, st.m + r0, st.l + r0, alpha);
-  if (vfp) pv_rows<R>(st.o + r0 * D, s, alpha, vfp, n, D);
-  else pv_rows<R>(st.o + r0 * D, s, alpha, vp, n, D);
+// s[i][rows] = k[i] . q[:, rows] for NK keys and NRV row vectors.
+template <int NRV>
+inline void lane_scores(const float* qt,          // [D, ldq] at the first row vector
+                        int64_t ldq,
+                        const float* const* kr,   // [NK] key rows [D] as floats
+                        int64_t D,
+                        float* s, int64_t lds) {  // [NK, lds] at the first row vector
+  vf acc[NK][NRV];
+  for (int i = 0; i < NK; ++i)
+    for (int j = 0; j < NRV; ++j) acc[i][j] = zero();
+  for (int64_t d = 0; d < D; ++d) {
+    vf qv[NRV];
+    for (int j = 0; j < NRV; ++j) qv[j] = load(qt + d * ldq + j * W);
+    for (int i = 0; i < NK; ++i) {
+      const vf kv = set1(kr[i][d]);
+      for (int j = 0; j < NRV; ++j) acc[i][j] = fma(kv, qv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < NK; ++i)
+    for (int j = 0; j < NRV; ++j) store(s + i * lds + j * W, acc[i][j]);
+}
+
+// Per row (lane): block max, rescale factor alpha, probabilities in place, running sum.
+inline void lane_softmax(float* s, int RP, float* m, float* l, float* alpha) {  // s [KB, RP]
+  for (int j = 0; j < RP; j += W) {
+    vf mx = load(s + j);
+    for (int i = 1; i < KB; ++i) mx = max(mx, load(s + i * RP + j));
+    const vf m_old = load(m + j);
+    const vf m_new = max(m_old, mx);
+    const vf a = exp2(sub(m_old, m_new));
+    vf sum = zero();
+    for (int i = 0; i < KB; ++i) {
+      const vf p = exp2(sub(load(s + i * RP + j), m_new));
+      store(s + i * RP + j, p);
+      sum = add(sum, p);
+    }
+    store(l + j, fma(load(l + j), a, sum));
+    store(m + j, m_new);
+    store(alpha + j, a);
+  }
+}
+
+// ot[d][rows] = alpha * ot[d][rows] + sum_i v[i][d] * p[i][rows] for ND dims and NRV row vectors.
+template <int NRV>
+inline void lane_pv(float* ot, int64_t ldo,          // [D, ldo] at the first row vector
+                    const float* p, int64_t ldp,     // [KB, ldp] at the first row vector
+                    const float* alpha,              // [NRV * W]
+                    const float* const* vr,          // [n] value rows [D] as floats
+                    int n, int64_t d0) {
+  vf acc[ND][NRV];
+  for (int j = 0; j < NRV; ++j) {
+    const vf a = load(alpha + j * W);
+    for (int dd = 0; dd < ND; ++dd) acc[dd][j] = mul(load(ot + (d0 + dd) * ldo + j * W), a);
+  }
+  for (int i = 0; i < n; ++i) {
+    vf pv[NRV];
+    for (int j = 0; j < NRV; ++j) pv[j] = load(p + i * ldp + j * W);
+    for (int dd = 0; dd < ND; ++dd) {
+      const vf vv = set1(vr[i][d0 + dd]);
+      for (int j = 0; j < NRV; ++j) acc[dd][j] = fma(vv, pv[j], acc[dd][j]);
+    }
+  }
+  for (int dd = 0; dd < ND; ++dd)
+    for (int j = 0; j < NRV; ++j) store(ot + (d0 + dd) * ldo + j * W, acc[dd][j]);
 }
 
 template <typename T>
-inline void block_tile(Rows& st, int r0, int R, const T* const* kp, const T* const* vp, const float* const* vfp,
-                       int n, const uint64_t* bits, bool transposed) {
-  switch (R) {
-    case 1: block_rows<1>(st, r0, kp, vp, vfp, n, bits, transposed); break;
-    case 2: block_rows<2>(st, r0, kp, vp, vfp, n, bits, transposed); break;
-    case 3: block_rows<3>(st, r0, kp, vp, vfp, n, bits, transposed); break;
-    default: block_rows<4>(st, r0, kp, vp, vfp, n, bits, transposed); break;
+void lane_block(State& st, const T* const* kp, const T* const* vp, int n, const uint64_t* bits) {
+  const int64_t D = st.D;
+  const int RP = st.RP;
+  const float* kr[KB];
+  const float* vr[KB];
+  for (int i = 0; i < n; ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      kr[i] = kp[i];
+      vr[i] = vp[i];
+    } else {  // convert the block once for all rows
+      for (int64_t c = 0; c < D; c += W) {
+        store(st.kb + i * D + c, load(kp[i] + c));
+        store(st.vb + i * D + c, load(vp[i] + c));
+      }
+      kr[i] = st.kb + i * D;
+      vr[i] = st.vb + i * D;
+    }
+  }
+  for (int i = n; i < KB; ++i) kr[i] = st.zeros;
+  for (int i0 = 0; i0 < KB; i0 += NK) {
+    int j = 0;
+    for (; j + NRV * W <= RP; j += NRV * W) lane_scores<NRV>(st.q + j, RP, kr + i0, D, st.s + i0 * RP + j, RP);
+    if (j + 2 * W <= RP) lane_scores<2>(st.q + j, RP, kr + i0, D, st.s + i0 * RP + j, RP);
+    else if (j < RP) lane_scores<1>(st.q + j, RP, kr + i0, D, st.s + i0 * RP + j, RP);
+  }
+  for (int i = n; i < KB; ++i) std::fill(st.s + i * RP, st.s + (i + 1) * RP, NEG_INF);
+  if (bits)
+    for (int i = 0; i < n; ++i)
+      for (int r = 0; r < st.R; ++r)
+        if (!((bits[r] >> i) & 1)) st.s[i * RP + r] = NEG_INF;
+  lane_softmax(st.s, RP, st.m, st.l, st.alpha);
+  for (int64_t d0 = 0; d0 < D; d0 += ND) {
+    int j = 0;
+    for (; j + NRV * W <= RP; j += NRV * W) lane_pv<NRV>(st.o + j, RP, st.s + j, RP, st.alpha + j, vr, n, d0);
+    if (j + 2 * W <= RP) lane_pv<2>(st.o + j, RP, st.s + j, RP, st.alpha + j, vr, n, d0);
+    else if (j < RP) lane_pv<1>(st.o + j, RP, st.s + j, RP, st.alpha + j, vr, n, d0);
   }
 }
 
 // All rows of an item against n <= KB keys (row pointers kp/vp); bits: per-row visibility.
 template <typename T>
-void attend_block(Rows& st, const T* const* kp, const T* const* vp, int n, const uint64_t* bits) {
-  const int64_t D = st.D;
-  if (st.R <= MR) {  // few rows: dot products straight from the cache
-    block_tile(st, 0, st.R, kp, vp, static_cast<const float* const*>(nullptr), n, bits, false);
-    return;
+void attend_block(State& st, const T* const* kp, const T* const* vp, int n, const uint64_t* bits) {
+  switch (st.R) {
+    case 1: few_block<1>(st, kp, vp, n, bits); break;
+    case 2: few_block<2>(st, kp, vp, n, bits); break;
+    case 3: few_block<3>(st, kp, vp, n, bits); break;
+    case 4: few_block<4>(st, kp, vp, n, bits); break;
+    default: lane_block(st, kp, vp, n, bits); break;
   }
-  for (int i = 0; i < KB; ++i)  // many rows: transpose the keys once for all row tiles
-    for (int64_t d = 0; d < D; ++d) st.kt[d * KB + i] = i < n ? to_float(kp[i][d]) : 0.f;
-  const float* vf_rows[KB];
-  const float* const* vfp = nullptr;
-  if constexpr (std::is_same_v<T, bf16_t>) {  // and convert the values once
-    for (int i = 0; i < n; ++i) {
-      for (int64_t c = 0; c < D; c += W) store(st.vb + i * D + c, load(vp[i] + c));
-      vf_rows[i] = st.vb + i * D;
-    }
-    vfp = vf_rows;
-  }
-  for (int r0 = 0; r0 < st.R; r0 += MR) block_tile(st, r0, std::min(MR, st.R - r0), kp, vp, vfp, n, bits, true);
 }
 
 // ---------------------------------------------------------------- items
@@ -230,62 +291,98 @@ struct Item {
 inline int64_t row_token(const Problem& pb, const Item& it, int64_t r) { return it.seq + (it.r0 + r) / pb.g; }
 inline int64_t row_head(const Problem& pb, const Item& it, int64_t r) { return it.h * pb.g + (it.r0 + r) % pb.g; }
 
+// Scaled query rows into the state: [R, D] for few rows, transposed [D, RP] for many.
 template <typename TQ>
-void load_queries(const Problem& pb, const Item& it, Rows& st) {
+void load_queries(const Problem& pb, const Item& it, State& st) {
+  const TQ* q = static_cast<const TQ*>(pb.q);
   for (int r = 0; r < st.R; ++r) {
-    const TQ* src = static_cast<const TQ*>(pb.q) + row_token(pb, it, r) * pb.q_s0 + row_head(pb, it, r) * pb.q_s1;
-    for (int64_t c = 0; c < pb.D; c += W) store(st.q + r * pb.D + c, mul(load(src + c), set1(pb.qscale)));
+    const TQ* src = q + row_token(pb, it, r) * pb.q_s0 + row_head(pb, it, r) * pb.q_s1;
+    if (st.R <= FEW) {
+      for (int64_t c = 0; c < pb.D; c += W) store(st.q + r * pb.D + c, mul(load(src + c), set1(pb.qscale)));
+    } else {
+      for (int64_t d = 0; d < pb.D; ++d) st.q[d * st.RP + r] = to_float(src[d]) * pb.qscale;
+    }
   }
+  if (st.R > FEW)  // padding lanes: zero queries, never written out
+    for (int64_t d = 0; d < pb.D; ++d) std::fill(st.q + d * st.RP + st.R, st.q + (d + 1) * st.RP, 0.f);
 }
 
+// Where an item's result goes: unnormalised rows [ROWS_PER_ITEM, D] and (max, sum) pairs.
+struct Partial {
+  float* o;
+  float* ml;
+};
+
 template <typename TC, typename TS>
-void run_item(const Problem& pb, const Item& it, Rows& st) {
+void run_item(const Problem& pb, const Item& it, State& st, Partial part) {
+  const int64_t D = pb.D;
   st.R = int(it.nr);
-  st.D = pb.D;
+  st.RP = int((it.nr + W - 1) / W * W);
+  st.D = D;
   if (pb.q_bf16) load_queries<bf16_t>(pb, it, st);
   else load_queries<float>(pb, it, st);
-  std::fill(st.o, st.o + st.R * pb.D, 0.f);
-  std::fill(st.m, st.m + st.R, NEG_INF);
-  std::fill(st.l, st.l + st.R, 0.f);
+  std::fill(st.o, st.o + st.RP * D, 0.f);
+  std::fill(st.m, st.m + st.RP, M_EMPTY);
+  std::fill(st.l, st.l + st.RP, 0.f);
+  // paged prefix, no mask
   const TC* kp[KB];
   const TC* vp[KB];
-  // paged prefix, no mask
   const TC* kc = static_cast<const TC*>(pb.kc);
   const TC* vc = static_cast<const TC*>(pb.vc);
   const int32_t* pages = pb.pages + it.seq * pb.pages_ld;
-  const int64_t row_ld = pb.Hkv * pb.D;
+  const int64_t row_ld = pb.Hkv * D;
+  auto offset = [&](int64_t t) { return (int64_t(pages[t / pb.bs]) * pb.bs + t % pb.bs) * row_ld + it.h * D; };
+  const int64_t row_bytes = D * int64_t(sizeof(TC));
   for (int64_t b0 = it.k0; b0 < it.k1; b0 += KB) {
     const int n = int(std::min<int64_t>(KB, it.k1 - b0));
     for (int i = 0; i < n; ++i) {
-      const int64_t t = b0 + i;
-      const int64_t off = (int64_t(pages[t / pb.bs]) * pb.bs + t % pb.bs) * row_ld + it.h * pb.D;
+      const int64_t off = offset(b0 + i);
       kp[i] = kc + off;
       vp[i] = vc + off;
     }
+    // Rows come from scattered pages, beyond what the hardware prefetcher guesses:
+    // fetch the keys and values PREFETCH_BLOCKS ahead while this block is computed.
+    const int64_t ahead = b0 + PREFETCH_BLOCKS * KB;
+    for (int64_t t = ahead; t < std::min(ahead + KB, it.k1); ++t) {
+      const char* k = reinterpret_cast<const char*>(kc + offset(t));
+      const char* v = reinterpret_cast<const char*>(vc + offset(t));
+      for (int64_t c = 0; c < row_bytes; c += 64) {
+        __builtin_prefetch(k + c);
+        __builtin_prefetch(v + c);
+      }
+    }
     attend_block(st, kp, vp, n, nullptr);
   }
-  if (!it.scratch) return;
   // scratch rows under the bit mask; blocks start at multiples of KB so never straddle a word
-  const TS* kn = static_cast<const TS*>(pb.kn);
-  const TS* vn = static_cast<const TS*>(pb.vn);
-  const TS* skp[KB];
-  const TS* svp[KB];
-  uint64_t bits[ROWS_PER_ITEM];
-  for (int64_t j0 = 0; j0 < pb.S; j0 += KB) {
-    const int n = int(std::min<int64_t>(KB, pb.S - j0));
-    const uint64_t keep = (1ull << n) - 1;  // n <= 32
-    uint64_t any = 0;
-    for (int r = 0; r < st.R; ++r) {
-      const uint64_t word = uint64_t(pb.mask[row_token(pb, it, r) * pb.mask_ld + j0 / 64]);
-      bits[r] = (word >> (j0 % 64)) & keep;
-      any |= bits[r];
+  if (it.scratch) {
+    const TS* kn = static_cast<const TS*>(pb.kn);
+    const TS* vn = static_cast<const TS*>(pb.vn);
+    const TS* skp[KB];
+    const TS* svp[KB];
+    uint64_t bits[ROWS_PER_ITEM];
+    for (int64_t j0 = 0; j0 < pb.S; j0 += KB) {
+      const int n = int(std::min<int64_t>(KB, pb.S - j0));
+      const uint64_t keep = (1ull << n) - 1;  // n <= 32
+      uint64_t any = 0;
+      for (int r = 0; r < st.R; ++r) {
+        const uint64_t word = uint64_t(pb.mask[row_token(pb, it, r) * pb.mask_ld + j0 / 64]);
+        bits[r] = (word >> (j0 % 64)) & keep;
+        any |= bits[r];
+      }
+      if (!any) continue;  // no row of this item sees these keys
+      for (int i = 0; i < n; ++i) {
+        skp[i] = kn + (j0 + i) * pb.kn_s0 + it.h * pb.kn_s1;
+        svp[i] = vn + (j0 + i) * pb.vn_s0 + it.h * pb.vn_s1;
+      }
+      attend_block(st, skp, svp, n, bits);
     }
-    if (!any) continue;
-    for (int i = 0; i < n; ++i) {
-      skp[i] = kn + (j0 + i) * pb.kn_s0 + it.h * pb.kn_s1;
-      svp[i] = vn + (j0 + i) * pb.vn_s0 + it.h * pb.vn_s1;
-    }
-    attend_block(st, skp, svp, n, bits);
+  }
+  for (int r = 0; r < st.R; ++r) {
+    if (st.R <= FEW) std::copy(st.o + r * D, st.o + (r + 1) * D, part.o + r * D);
+    else
+      for (int64_t d = 0; d < D; ++d) part.o[r * D + d] = st.o[d * st.RP + r];
+    part.ml[2 * r] = st.m[r];
+    part.ml[2 * r + 1] = st.l[r];
   }
 }
 
@@ -302,18 +399,17 @@ void merge_group(const Problem& pb, const Item* items, const Group& gr, const fl
   const int64_t D = pb.D;
   std::vector<float> acc(D);
   for (int64_t r = 0; r < it.nr; ++r) {
-    float m = NEG_INF;
+    float m = M_EMPTY;
     for (int64_t s = 0; s < gr.count; ++s) m = std::max(m, part_ml[((gr.first + s) * ROWS_PER_ITEM + r) * 2]);
     float l = 0.f;
     std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t s = 0; s < gr.count; ++s) {
       const int64_t slot = (gr.first + s) * ROWS_PER_ITEM + r;
-      const float ms = part_ml[slot * 2];
-      if (ms == NEG_INF) continue;  // this key range showed the row nothing
-      const float w = std::exp2(ms - m);
+      const float w = std::exp2(part_ml[slot * 2] - m);  // a range that showed the row nothing has l = 0
       l += w * part_ml[slot * 2 + 1];
       const vf wv = set1(w);
-      for (int64_t c = 0; c < D; c += W) store(acc.data() + c, fma(load(part_o + slot * D + c), wv, load(acc.data() + c)));
+      for (int64_t c = 0; c < D; c += W)
+        store(acc.data() + c, fma(load(part_o + slot * D + c), wv, load(acc.data() + c)));
     }
     TO* dst = static_cast<TO*>(out) + row_token(pb, it, r) * o_s0 + row_head(pb, it, r) * o_s1;
     const vf inv = set1(1.f / l);
@@ -328,23 +424,20 @@ void run_all(const Problem& pb, const std::vector<Item>& items, const std::vecto
   std::vector<float> part_o(items.size() * ROWS_PER_ITEM * D);
   std::vector<float> part_ml(items.size() * ROWS_PER_ITEM * 2);
   at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> buf(ROWS_PER_ITEM * (2 * D + 2 + KB) + D * KB + KB * D);
-    Rows st;
+    constexpr int64_t R = ROWS_PER_ITEM;
+    std::vector<float> buf(2 * D * R + 3 * R + KB * R + 2 * KB * D + D);
+    State st;
     st.q = buf.data();
-    st.o = st.q + ROWS_PER_ITEM * D;
-    st.m = st.o + ROWS_PER_ITEM * D;
-    st.l = st.m + ROWS_PER_ITEM;
-    st.s = st.l + ROWS_PER_ITEM;
-    st.kt = st.s + ROWS_PER_ITEM * KB;
-    st.vb = st.kt + D * KB;
-    for (int64_t i = i0; i < i1; ++i) {
-      run_item<TC, TS>(pb, items[i], st);
-      std::copy(st.o, st.o + st.R * D, part_o.data() + i * ROWS_PER_ITEM * D);
-      for (int r = 0; r < st.R; ++r) {
-        part_ml[(i * ROWS_PER_ITEM + r) * 2] = st.m[r];
-        part_ml[(i * ROWS_PER_ITEM + r) * 2 + 1] = st.l[r];
-      }
-    }
+    st.o = st.q + D * R;
+    st.m = st.o + D * R;
+    st.l = st.m + R;
+    st.alpha = st.l + R;
+    st.s = st.alpha + R;
+    st.kb = st.s + KB * R;
+    st.vb = st.kb + KB * D;
+    st.zeros = st.vb + KB * D;
+    for (int64_t i = i0; i < i1; ++i)
+      run_item<TC, TS>(pb, items[i], st, {part_o.data() + i * R * D, part_ml.data() + i * R * 2});
   });
   at::parallel_for(0, int64_t(groups.size()), 4, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
@@ -358,26 +451,36 @@ void run_all(const Problem& pb, const std::vector<Item>& items, const std::vecto
   });
 }
 
-// Appends the items of one (sequence, kv head): row blocks x key ranges.
+// Appends the items of one (sequence, kv head): row blocks (evenly sized) x key ranges.
 void add_items(std::vector<Item>& items, std::vector<Group>& groups, int64_t seq, int64_t h, int64_t rows,
                int64_t n_prefix, int64_t splits, bool scratch) {
-  for (int64_t r0 = 0; r0 < rows; r0 += ROWS_PER_ITEM) {
+  const int64_t n_blocks = (rows + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+  const int64_t per_block = ((rows + n_blocks - 1) / n_blocks + W - 1) / W * W;
+  const int64_t key_blocks = (n_prefix + KB - 1) / KB;  // split on whole blocks
+  for (int64_t r0 = 0; r0 < rows; r0 += per_block) {
     groups.push_back({int64_t(items.size()), splits});
-    const int64_t nr = std::min<int64_t>(ROWS_PER_ITEM, rows - r0);
-    // split points on multiples of KB so that blocks stay whole
-    const int64_t blocks = (n_prefix + KB - 1) / KB;
+    const int64_t nr = std::min(per_block, rows - r0);
     for (int64_t s = 0; s < splits; ++s) {
-      const int64_t k0 = std::min(n_prefix, blocks * s / splits * KB);
-      const int64_t k1 = std::min(n_prefix, blocks * (s + 1) / splits * KB);
+      const int64_t k0 = std::min(n_prefix, key_blocks * s / splits * KB);
+      const int64_t k1 = std::min(n_prefix, key_blocks * (s + 1) / splits * KB);
       items.push_back({seq, h, r0, nr, k0, k1, scratch && s == splits - 1});
     }
   }
 }
 
-// Key ranges per row block: enough items to keep every thread busy, none tiny.
+int64_t row_blocks(int64_t rows) { return (rows + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM; }
+
+// Key ranges per row block: the fewest that spread the items evenly over the threads (at
+// most 5% idle), none shorter than KEYS_PER_SPLIT keys.
 int64_t choose_splits(int64_t n_groups, int64_t n_prefix) {
-  const int64_t want = (4 * at::get_num_threads() + n_groups - 1) / std::max<int64_t>(1, n_groups);
-  return std::max<int64_t>(1, std::min(want, n_prefix / KEYS_PER_SPLIT));
+  const int64_t threads = at::get_num_threads();
+  const int64_t most = std::max<int64_t>(1, n_prefix / KEYS_PER_SPLIT);
+  int64_t s = 1;
+  for (; s < most; ++s) {
+    const int64_t items = n_groups * s;
+    if (20 * ((items + threads - 1) / threads) * threads <= 21 * items) break;
+  }
+  return s;
 }
 
 void check_heads(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const char* name) {
@@ -453,10 +556,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
     check_pages(pb.pages + b * pb.pages_ld, len[b], pb.bs, pb.pages_ld, kc.size(0), "paged_decode_attention");
   std::vector<Item> items;
   std::vector<Group> groups;
-  const int64_t row_blocks = (pb.g + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+  const int64_t n_groups = B * pb.Hkv * row_blocks(pb.g);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < pb.Hkv; ++h)
-      add_items(items, groups, b, h, pb.g, len[b], choose_splits(B * pb.Hkv * row_blocks, len[b]), false);
+      add_items(items, groups, b, h, pb.g, len[b], choose_splits(n_groups, len[b]), false);
   dispatch_float(kc, "kv cache", [&](auto ct) {
     using TC = decltype(ct);
     run_all<TC, TC>(pb, items, groups, res);
@@ -496,8 +599,7 @@ at::Tensor tree_attention(const at::Tensor& q_in, const at::Tensor& k_cache_in, 
   std::vector<Item> items;
   std::vector<Group> groups;
   const int64_t rows = T * pb.g;
-  const int64_t row_blocks = (rows + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
-  const int64_t splits = choose_splits(pb.Hkv * row_blocks, prefix_len);
+  const int64_t splits = choose_splits(pb.Hkv * row_blocks(rows), prefix_len);
   for (int64_t h = 0; h < pb.Hkv; ++h) add_items(items, groups, 0, h, rows, prefix_len, splits, true);
   dispatch_kv(kc, kn, [&](auto ct, auto st) { run_all<decltype(ct), decltype(st)>(pb, items, groups, res); });
   if (out && !res.is_same(*out)) out->copy_(res);

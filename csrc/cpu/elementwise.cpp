@@ -38,62 +38,63 @@ inline void copy_row(TD* dst, const TS* src, int64_t n) {
 
 // ------------------------------------------------------------------ RMSNorm
 
-inline float sum_squares(const float* x, int64_t d) {
-  vf acc = zero();
+template <typename T>
+inline float sum_squares(const T* x, int64_t d) {
+  vf acc[4] = {zero(), zero(), zero(), zero()};  // independent chains: not latency-bound
   int64_t i = 0;
-  for (; i + W <= d; i += W) acc = fma(load(x + i), load(x + i), acc);
-  float s = hsum(acc);
-  for (; i < d; ++i) s += x[i] * x[i];
+  for (; i + 4 * W <= d; i += 4 * W)
+    for (int j = 0; j < 4; ++j) {
+      const vf v = load(x + i + j * W);
+      acc[j] = fma(v, v, acc[j]);
+    }
+  for (; i + W <= d; i += W) acc[0] = fma(load(x + i), load(x + i), acc[0]);
+  float s = hsum(add(add(acc[0], acc[1]), add(acc[2], acc[3])));
+  for (; i < d; ++i) s += to_float(x[i]) * to_float(x[i]);
   return s;
 }
 
 // y = round_T(x * r) * w, rounded into T: the reference's two roundings.
 template <typename T>
-inline void scale_row(T* y, const float* x, const T* w, float r, int64_t d) {
+inline void scale_row(T* y, const T* x, const T* w, float r, int64_t d) {
   const vf rv = set1(r);
   int64_t i = 0;
   for (; i + W <= d; i += W) store(y + i, mul(round_as<T>(mul(load(x + i), rv)), load(w + i)));
-  for (; i < d; ++i) y[i] = from_float<T>(round_to<T>(x[i] * r) * to_float(w[i]));
+  for (; i < d; ++i) y[i] = from_float<T>(round_to<T>(to_float(x[i]) * r) * to_float(w[i]));
 }
 
-// One row: optional residual add (res += x, rounded to T), then RMSNorm of the result into y.
+// res = round_T(res + x), in place.
 template <typename T, typename X>
-inline void norm_row(T* y, const X* x, T* res, const T* w, int64_t d, float eps, float* tmp) {
-  if (res) {  // tmp = round_T(res + x); res = tmp
-    int64_t i = 0;
-    for (; i + W <= d; i += W) {
-      const vf v = round_as<T>(add(load(res + i), load(x + i)));
-      store(tmp + i, v);
-      store(res + i, v);
-    }
-    for (; i < d; ++i) {
-      tmp[i] = round_to<T>(to_float(res[i]) + to_float(x[i]));
-      res[i] = from_float<T>(tmp[i]);
-    }
-  } else {
-    copy_row(tmp, x, d);
-  }
-  const float r = 1.f / std::sqrt(sum_squares(tmp, d) / float(d) + eps);
-  scale_row(y, tmp, w, r, d);
+inline void add_row(T* res, const X* x, int64_t d) {
+  int64_t i = 0;
+  for (; i + W <= d; i += W) store(res + i, add(load(res + i), load(x + i)));
+  for (; i < d; ++i) res[i] = from_float<T>(to_float(res[i]) + to_float(x[i]));
 }
 
-// y [rows, d] (contiguous) from x [rows, d] (row stride ldx); res (row stride ldr) may be null.
+// y [rows, d] (contiguous) = RMSNorm(x) for x rows with stride ldx; with `add`, x is first
+// replaced by x + a (a [rows, d], row stride lda): the fused residual add.
 template <typename T, typename X>
-void norm_rows(T* y, const X* x, int64_t ldx, T* res, int64_t ldr, const T* w, int64_t rows, int64_t d,
-               float eps) {
+void norm_rows(T* y, T* x, int64_t ldx, const X* a, int64_t lda, const T* w, int64_t rows, int64_t d, float eps) {
   at::parallel_for(0, rows, row_grain(d), [&](int64_t r0, int64_t r1) {
-    std::vector<float> tmp(d);
-    for (int64_t r = r0; r < r1; ++r)
-      norm_row(y + r * d, x + r * ldx, res ? res + r * ldr : nullptr, w, d, eps, tmp.data());
+    for (int64_t r = r0; r < r1; ++r) {
+      T* xr = x + r * ldx;
+      if (a) add_row(xr, a + r * lda, d);
+      const float inv = 1.f / std::sqrt(sum_squares(xr, d) / float(d) + eps);
+      scale_row(y + r * d, xr, w, inv, d);
+    }
   });
 }
 
-void check_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rows_like) {
+void check_norm(const at::Tensor& x, const at::Tensor& weight) {
   check_cpu(x, "rms_norm");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "rms_norm: weight must be [", x.size(-1),
               "], got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == rows_like.scalar_type(), "rms_norm: weight dtype ", weight.scalar_type(),
-              " differs from the activations' ", rows_like.scalar_type());
+}
+
+// The reference formula in ATen ops, for what the kernels do not cover (weight and
+// activations of different dtypes: the result then has the promoted dtype).
+at::Tensor rms_norm_aten(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const at::Tensor xf = x.to(at::kFloat);
+  return xf.mul(xf.square().mean(at::IntArrayRef{-1}, true).add(eps).rsqrt()).to(x.scalar_type()).mul(weight);
 }
 
 // Writes `res` into `out` when given (the reference's `out=` contract).
@@ -113,7 +114,8 @@ at::Tensor result_buffer(const OptTensor& out, at::IntArrayRef shape, const at::
 }  // namespace
 
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight_in, double eps, const OptTensor& out) {
-  check_norm(x_in, weight_in, x_in);
+  check_norm(x_in, weight_in);
+  if (weight_in.scalar_type() != x_in.scalar_type()) return into(out, rms_norm_aten(x_in, weight_in, eps));
   const int64_t d = x_in.size(-1);
   const at::Tensor x = rows_contig(x_in.reshape({-1, d}));
   const at::Tensor weight = weight_in.contiguous();
@@ -127,11 +129,12 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight_in, double 
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_in, at::Tensor& residual,
                                                 const at::Tensor& weight_in, double eps) {
-  check_norm(residual, weight_in, residual);
+  check_norm(residual, weight_in);
   TORCH_CHECK(x_in.sizes() == residual.sizes(), "add_rms_norm: x ", x_in.sizes(), " and residual ",
               residual.sizes(), " differ");
   const int64_t d = residual.size(-1);
-  if (residual.dim() != 2 || residual.stride(-1) != 1) {  // rare layouts: the unfused path
+  if (residual.dim() != 2 || residual.stride(-1) != 1 || weight_in.scalar_type() != residual.scalar_type()) {
+    // rare layouts and dtype mixes: the unfused path
     residual.add_(x_in);
     return {rms_norm(residual, weight_in, eps, std::nullopt), residual};
   }
@@ -142,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_in, at::Tens
     using T = decltype(tag);
     dispatch_float(x, "add_rms_norm", [&](auto xtag) {
       using X = decltype(xtag);
-      norm_rows<T, X>(ptr<T>(y), ptr<X>(x), x.stride(0), ptr<T>(residual), residual.stride(0), ptr<T>(weight),
+      norm_rows<T, X>(ptr<T>(y), ptr<T>(residual), residual.stride(0), ptr<X>(x), x.stride(0), ptr<T>(weight),
                       residual.size(0), d, float(eps));
     });
   });
@@ -211,6 +214,18 @@ std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k
 
 // ------------------------------------------------------------------ SwiGLU
 
+namespace {
+
+// o = silu(g) * u for W values; silu is rounded to T before the product, as in torch.
+template <typename T>
+inline void silu_mul_vec(T* o, const T* g, const T* u) {
+  const vf gv = load(g);
+  const vf e = exp2(mul(gv, set1(-LOG2E)));
+  store(o, mul(round_as<T>(mul(gv, recip(add(set1(1.f), e)))), load(u)));
+}
+
+}  // namespace
+
 at::Tensor silu_mul(const at::Tensor& gate_up_in, const OptTensor& out) {
   check_cpu(gate_up_in, "silu_mul");
   TORCH_CHECK(gate_up_in.size(-1) % 2 == 0, "silu_mul: last dimension must be even, got ", gate_up_in.sizes());
@@ -230,11 +245,11 @@ at::Tensor silu_mul(const at::Tensor& gate_up_in, const OptTensor& out) {
         const T* u = g + F;
         T* o = dst + r * F;
         int64_t i = 0;
-        for (; i + W <= F; i += W) {  // silu is rounded to T before the product, as in torch
-          const vf gv = load(g + i);
-          const vf e = exp2(mul(gv, set1(-LOG2E)));
-          store(o + i, mul(round_as<T>(div(gv, add(set1(1.f), e))), load(u + i)));
+        for (; i + 2 * W <= F; i += 2 * W) {  // two independent chains per iteration
+          silu_mul_vec(o + i, g + i, u + i);
+          silu_mul_vec(o + i + W, g + i + W, u + i + W);
         }
+        for (; i + W <= F; i += W) silu_mul_vec(o + i, g + i, u + i);
         for (; i < F; ++i) {
           const float gv = to_float(g[i]);
           o[i] = from_float<T>(round_to<T>(gv / (1.f + std::exp(-gv))) * to_float(u[i]));

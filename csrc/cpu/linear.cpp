@@ -47,6 +47,7 @@ inline void tile_bf16(const bf16_t* w,    // [NP panels of K2 * 32], panel strid
   for (int r = 0; r < MR; ++r)
     for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_ps();
   for (int64_t kk = 0; kk < K2; ++kk) {
+    for (int p = 0; p < NP; ++p) __builtin_prefetch(w + (NP + p) * pstride + kk * 32);
     for (int p = 0; p < NP; ++p) {
       __m512bh wv = (__m512bh)_mm512_loadu_si512(w + p * pstride + kk * 32);
       for (int r = 0; r < MR; ++r)
@@ -62,6 +63,8 @@ inline void tile_bf16(const bf16_t* w,    // [NP panels of K2 * 32], panel strid
     for (int v = 0; v < NW; ++v) acc[r][v] = zero();
   for (int64_t kk = 0; kk < K2; ++kk) {
     const bf16_t* wk = w + kk * 32;
+    // The next panels (the next step of this thread) stream in while these are computed.
+    for (int p = 0; p < NP; ++p) __builtin_prefetch(wk + (NP + p) * pstride);
     if constexpr (NW <= 2) {
       // Few weight vectors: convert them all, then one broadcast per row and k
       // (AVX2, 4 rows: 8 accumulators + 4 weights + 1 broadcast registers).
@@ -108,6 +111,7 @@ inline void tile_f32(const float* w,      // [NP panels of K * 16], panel stride
   constexpr int NW = NP * NV;
   for (int64_t k = 0; k < K; ++k) {
     const float* wk = w + k * PANEL;
+    for (int p = 0; p < NP; ++p) __builtin_prefetch(wk + (NP + p) * pstride);  // as in tile_bf16
     if constexpr (NW <= 2) {  // register use as in tile_bf16
       vf wv[NW];
       for (int v = 0; v < NW; ++v) wv[v] = load(wk + (v / NV) * pstride + (v % NV) * W);
@@ -239,32 +243,21 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const at::
 
 }  // namespace
 
-at::Tensor pack_linear(const at::Tensor& weight_in) {
-  check_cpu(weight_in, "pack_linear");
-  TORCH_CHECK(weight_in.dim() == 2, "pack_linear: weight must be [N, K], got ", weight_in.sizes());
-  const at::Tensor weight = weight_in.contiguous();
+at::Tensor pack_linear(const at::Tensor& weight) {
+  check_cpu(weight, "pack_linear");
+  TORCH_CHECK(weight.dim() == 2, "pack_linear: weight must be [N, K], got ", weight.sizes());
+  dispatch_float(weight, "pack_linear", [](auto) {});  // dtype check
   const int64_t N = weight.size(0), K = weight.size(1), Np = (N + PANEL - 1) / PANEL;
-  at::Tensor packed;
-  dispatch_float(weight, "pack_linear", [&](auto tag) {
-    using T = decltype(tag);
-    const bool bf16 = std::is_same_v<T, bf16_t>;
+  if (weight.scalar_type() == at::kBFloat16) {  // k-pairs as int32: [Np, 16, K2] -> [Np, K2, 16]
     const int64_t K2 = (K + 1) / 2;
-    packed = bf16 ? at::zeros({Np, K2, 32}, weight.options()) : at::zeros({Np, K, PANEL}, weight.options());
-    const T* w = ptr<T>(weight);
-    T* dst = ptr<T>(packed);
-    at::parallel_for(0, Np, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        for (int64_t c = 0; c < PANEL && p * PANEL + c < N; ++c) {
-          const T* row = w + (p * PANEL + c) * K;
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t idx = bf16 ? p * K2 * 32 + (k / 2) * 32 + 2 * c + (k % 2) : (p * K + k) * PANEL + c;
-            dst[idx] = row[k];
-          }
-        }
-      }
-    });
-  });
-  return packed;
+    at::Tensor padded = at::zeros({Np * PANEL, 2 * K2}, weight.options());
+    padded.narrow(0, 0, N).narrow(1, 0, K).copy_(weight);
+    const at::Tensor pairs = padded.view(at::kInt).view({Np, PANEL, K2});
+    return pairs.permute({0, 2, 1}).contiguous().view(at::kBFloat16).view({Np, K2, 2 * PANEL});
+  }
+  at::Tensor padded = at::zeros({Np * PANEL, K}, weight.options());  // [Np, 16, K] -> [Np, K, 16]
+  padded.narrow(0, 0, N).copy_(weight);
+  return padded.view({Np, PANEL, K}).permute({0, 2, 1}).contiguous();
 }
 
 at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& packed) {

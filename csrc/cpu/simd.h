@@ -61,6 +61,11 @@ inline vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline vf max(vf a, vf b) { return _mm512_max_ps(a, b); }
 inline vf div(vf a, vf b) { return _mm512_div_ps(a, b); }
+// 1/x to ~1 ulp: the estimate plus one Newton step (cheaper than a division).
+inline vf recip(vf x) {
+  const vf r = _mm512_rcp14_ps(x);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.f)));
+}
 // Rounds to the nearest bf16 value (kept as float): an intermediate torch stores in bf16.
 inline vf round_bf16(vf v) {
   __m512i u = _mm512_castps_si512(v);
@@ -118,6 +123,10 @@ inline vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 inline vf max(vf a, vf b) { return _mm256_max_ps(a, b); }
 inline vf div(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf recip(vf x) {
+  const vf r = _mm256_rcp_ps(x);
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(x, r, _mm256_set1_ps(2.f)));
+}
 inline vf round_bf16(vf v) {
   __m256i u = _mm256_castps_si256(v);
   __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
@@ -196,6 +205,7 @@ inline vf sub(vf a, vf b) { FIRP_LANES(r.v[i] = a.v[i] - b.v[i]); }
 inline vf mul(vf a, vf b) { FIRP_LANES(r.v[i] = a.v[i] * b.v[i]); }
 inline vf max(vf a, vf b) { FIRP_LANES(r.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]); }
 inline vf div(vf a, vf b) { FIRP_LANES(r.v[i] = a.v[i] / b.v[i]); }
+inline vf recip(vf x) { FIRP_LANES(r.v[i] = 1.f / x.v[i]); }
 inline vf round_bf16(vf v) { FIRP_LANES(r.v[i] = round_to<bf16_t>(v.v[i])); }
 inline vf load(const bf16_t* p) { FIRP_LANES(r.v[i] = bf16_to_float(p[i])); }
 inline vf exp2(vf x) { FIRP_LANES(r.v[i] = x.v[i] <= -127.f ? 0.f : std::exp2(x.v[i])); }

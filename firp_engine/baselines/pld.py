@@ -43,7 +43,10 @@ class PLDDecoder:
         self.chains = [Tree.chain(n, 0) for n in range(self.n_draft + 1)]
         cfg = self.model.cfg
         shape = (cfg.n_layers, self.n_draft + 1, cfg.n_kv_heads, cfg.head_dim)
-        self.scratch = (torch.empty(shape, dtype=self.model.dtype), torch.empty(shape, dtype=self.model.dtype))
+        self.scratch = (
+            torch.empty(shape, dtype=self.model.dtype),
+            torch.empty(shape, dtype=self.model.dtype),
+        )
 
     def prefill(self, st: State) -> list[int]:
         prefill(self.model, st.seq, st.tokens[:-1], self.chunk)
@@ -57,8 +60,12 @@ class PLDDecoder:
         drafts = lookup(st.tokens, self.max_ngram, self.min_ngram, max_drafts)
         tree = self.chains[len(drafts)]
         tokens = [st.tokens[-1], *drafts]
-        batch = Batch(st.seq.length + tree.offsets, [SeqRows(st.seq, 0, tree.n, tree.tree_bits)], "tree",
-                      scratch=self.scratch)
+        batch = Batch(
+            st.seq.length + tree.offsets,
+            [SeqRows(st.seq, 0, tree.n, tree.tree_bits)],
+            "tree",
+            scratch=self.scratch,
+        )
         h = self.model.forward(batch, self.model.embed_tokens(torch.tensor(tokens)))
         logits = self.model.logits(h)
         if self.params.greedy:

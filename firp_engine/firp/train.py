@@ -622,6 +622,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data-dir", default=None, help="self-distillation shards (default: data_cache/selfdistill)"
     )
     p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
+    p.add_argument(
+        "--precompute",
+        action="store_true",
+        help="only fill --cache-dir with context passes, in the order training reads them "
+        "(run alongside a training run with the same settings to use a second core)",
+    )
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest on the shared 2-core machine)"
@@ -673,6 +679,19 @@ def load_data(
     return train_set, val_set, desc
 
 
+def precompute(
+    store: ContextStore, train_set: list[Example], val_set: list[Example], cfg: TrainConfig, progress: bool
+) -> dict:
+    if store.dir is None:
+        raise FirpError("--precompute needs a --cache-dir")
+    for idx in _bar(epoch_order(len(train_set), cfg.seed, 0), "context passes", progress):
+        store.get(train_set[idx], [cfg.layer])
+    for ex in _bar(val_set, "context passes, held out", progress):
+        store.get(ex, [cfg.layer])
+    print(json.dumps(store.stats()))
+    return store.stats()
+
+
 def run(args: argparse.Namespace) -> dict:
     from firp_engine.loading import load
 
@@ -692,6 +711,8 @@ def run(args: argparse.Namespace) -> dict:
     )
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / out.name
     progress = not args.no_progress
+    if args.precompute:
+        return precompute(store, train_set, val_set, cfg, progress)
     head, state = train(model, train_set, cfg, store, run_dir / "checkpoint.pt", args.resume, progress)
     t0, c0 = time.monotonic(), time.process_time()
     val = validate(model, head, val_set, cfg, store, progress) if val_set else {}

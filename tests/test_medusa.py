@@ -1,0 +1,169 @@
+"""Medusa baseline on tiny random models: lossless greedy, head files, training lowers the loss."""
+
+import pytest
+import torch
+from test_firp_decode import assert_same_or_near_tie, make_llm, prompts, tiny_checkpoint
+
+from firp_engine.baselines import medusa as M
+from firp_engine.errors import FirpError
+from firp_engine.firp import head as firp_head
+from firp_engine.firp import train as T
+from firp_engine.firp.head import FirpHead
+from firp_engine.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return make_llm(tiny_checkpoint(vocab=97, n_layers=4, d=64, seed=0, head_scale=0.5))
+
+
+def random_head(llm, k: int = 3, seed: int = 1, noise: float = 0.5) -> M.MedusaHead:
+    d = llm.config.hidden_size
+    head = M.MedusaHead(d, k, {"fingerprint": llm.ckpt.fingerprint()})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(k, d, d, generator=g) * noise * d**-0.5)
+        head.bias.copy_(torch.randn(k, d, generator=g) * noise)
+    return head
+
+
+class OracleMedusa(M.MedusaDecoder):
+    """Drafts the known greedy continuation at rank 0 or 1 (sometimes wrong at depth 3), so
+    that long accepted paths through several branches get exercised."""
+
+    def __init__(self, llm, params, oracle_ref=None, **kw):
+        super().__init__(llm, params, **kw)
+        self.ref, self.calls = oracle_ref, 0
+
+    def draft(self, st, h, new):
+        self.calls += 1
+        full = self.ref[tuple(st.tokens[: st.n_prompt])]
+        root = len(st.tokens) + len(new) - 1
+        g = torch.Generator().manual_seed(self.calls)
+        cands = torch.stack(
+            [torch.randperm(self.model.cfg.vocab_size, generator=g)[: self.width] for _ in range(self.k)]
+        )
+        for d in range(1, self.k + 1):
+            if root + d >= len(full) or (d == 3 and self.calls % 4 == 0):
+                continue
+            rank, row = (self.calls % 2 if d == 1 else 0), cands[d - 1]
+            row[row == full[root + d]] = row[rank].clone()
+            row[rank] = full[root + d]
+        return cands
+
+
+def test_greedy_equals_ar(llm):
+    ps = prompts(20, llm.config.vocab_size, seed=2)
+    head = random_head(llm)
+    ar = llm.generate([""] * len(ps), prompt_ids=ps, max_new_tokens=128)
+    dec = M.MedusaDecoder(llm, SamplingParams(), head=head)
+    refs = {tuple(p): p + r.new_ids for p, r in zip(ps, ar, strict=True)}
+    orc = OracleMedusa(llm, SamplingParams(), head=head, oracle_ref=refs)
+    outs = [llm._run(d, [("", p) for p in ps], SamplingParams(), 128, []) for d in (dec, orc)]
+    for p, a, m, o in zip(ps, ar, *outs, strict=True):
+        assert m.new_tokens == o.new_tokens == 128
+        assert_same_or_near_tie(llm.model, p, m.new_ids, a.new_ids)
+        assert_same_or_near_tie(llm.model, p, o.new_ids, a.new_ids)
+    tau, tau_oracle = dec.stats.mean_accepted, orc.stats.mean_accepted
+    print(f"\nmedusa, random head: {tau:.3f} tokens/step; oracle drafts: {tau_oracle:.3f}")
+    assert 1.0 <= tau < 2.0
+    assert tau_oracle > 2.5 and orc.stats.hist.get(4, 0) > 0  # full-depth paths happened
+
+
+@pytest.mark.parametrize("budget", [1, 25])
+def test_greedy_other_budgets(llm, budget):
+    ps = prompts(3, llm.config.vocab_size, seed=3)
+    ar = llm.generate([""] * 3, prompt_ids=ps, max_new_tokens=40)
+    out = llm.generate([""] * 3, prompt_ids=ps, method="medusa", head=random_head(llm), tree_budget=budget,
+                       max_new_tokens=40)  # fmt: skip
+    for p, a, m in zip(ps, ar, out, strict=True):
+        assert_same_or_near_tie(llm.model, p, m.new_ids, a.new_ids)
+
+
+def test_sampling_runs_and_is_seeded(llm):
+    kw = dict(prompt_ids=[[5, 6, 7]], method="medusa", head=random_head(llm), max_new_tokens=32)
+    a = llm.generate("", temperature=0.8, seed=3, **kw)[0]
+    b = llm.generate("", temperature=0.8, seed=3, **kw)[0]
+    assert a.new_tokens == 32 and a.new_ids == b.new_ids
+
+
+def test_head_files(llm, tmp_path, monkeypatch):
+    head = random_head(llm)
+    head.save(tmp_path / "m", {"acc": [[0.5, 0.1], [0.3, 0.1], [0.2, 0.1]]})
+    back = M.MedusaHead.load(tmp_path / "m.json", llm.ckpt.fingerprint())
+    assert torch.equal(back.weight, head.weight) and torch.equal(back.bias, head.bias)
+    assert back.meta["kind"] == "medusa" and back.meta["acc"][0] == [0.5, 0.1] and back.k == 3
+    out = llm.generate("hi", method="medusa", head=str(tmp_path / "m"), max_new_tokens=4)
+    assert out[0].new_tokens == 4
+    # another model's head, as an object or a file, is refused
+    wrong = M.MedusaHead(llm.config.hidden_size, 3, {"fingerprint": "0123456789abcdef"})
+    with pytest.raises(FirpError, match="another model"):
+        M.MedusaDecoder(llm, SamplingParams(), head=wrong)
+    wrong.save(tmp_path / "wrong")
+    with pytest.raises(FirpError, match="another model"):
+        llm.generate("hi", method="medusa", head=str(tmp_path / "wrong"), max_new_tokens=4)
+    # a FIRP head is not a Medusa head
+    FirpHead(llm.config.hidden_size, 3, 2, {"fingerprint": llm.ckpt.fingerprint()}).save(tmp_path / "f")
+    with pytest.raises(FirpError, match="not 'medusa'"):
+        M.MedusaDecoder(llm, SamplingParams(), head=str(tmp_path / "f"))
+    # no head at all, then the shipped one is found by fingerprint and kind
+    monkeypatch.setattr(firp_head, "SHIPPED_DIR", tmp_path / "shipped")
+    with pytest.raises(FirpError, match="train-head"):
+        M.MedusaDecoder(llm, SamplingParams())
+    head.save(tmp_path / "shipped" / "tiny-medusa")
+    assert M.MedusaDecoder(llm, SamplingParams()).k == 3
+
+
+def test_untrained_head_repeats_next_token(llm):
+    """W = 0, b = 0: every offset's logits are the model's next-token logits (Medusa's init)."""
+    head = M.MedusaHead(llm.config.hidden_size, 2)
+    x = torch.randn(5, llm.config.hidden_size)
+    logits = M.head_logits(llm.model, head, x)
+    ref = llm.model.lm_head(x).float()
+    torch.testing.assert_close(logits, ref[:, None].expand(-1, 2, -1), atol=1e-5, rtol=1e-5)
+
+
+def examples(n: int, vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()
+    return [(rnd(6), rnd(24)) for _ in range(n)]
+
+
+def test_training_lowers_the_loss(llm):
+    torch.set_num_threads(1)
+    model = llm.model
+    cfg = T.TrainConfig(layer=2, k=3, lr=3e-2, batch_positions=16, positions_per_seq=8, n_top=16,
+                        warmup=2, seed=3, epochs=7, max_steps=40, ckpt_every=0)  # fmt: skip
+    data = examples(12, llm.config.vocab_size)
+    store = T.ContextStore(model, [cfg.layer], cfg.n_top, cfg.max_len)
+    held = data[:4]  # random tokens: only what was trained on can improve
+
+    def loss(head):
+        segs = []
+        for ex in held:
+            ctx = store.get(ex)
+            _, pos = T.candidate_positions(ctx, cfg.k, full_groups=True)
+            segs.append((ctx, pos, M.final_states(model, ctx, cfg.layer)))
+        with torch.no_grad():
+            return M.medusa_loss(model, head, segs, cfg.weights())[0].item()
+
+    head, state = M.train_medusa(model, data, cfg, store)
+    before = loss(M.MedusaHead(llm.config.hidden_size, cfg.k))
+    after = loss(head)
+    print(f"\ntraining-set loss {before:.3f} -> {after:.3f} after {state.step} steps")
+    assert state.step == 40 and after < 0.9 * before
+    first, last = state.history[0]["loss"], sum(h["loss"] for h in state.history[-5:]) / 5
+    assert last < first
+    val = M.validate_medusa(model, head, held, cfg, store)
+    assert len(val["acc"]) == 3 and 0 <= val["chain_accepted"] <= 3
+
+
+def test_final_states_match_the_model(llm):
+    """final_states (re-run from the cached layer-l state) == the full forward's, normed."""
+    model = llm.model
+    ex = examples(1, llm.config.vocab_size, seed=5)[0]
+    ctx = T.context_pass(model, ex, [2], 8, 1024)
+    hf = M.final_states(model, ctx, 2)
+    *_, x = T.run_context(model, torch.tensor(ex[0] + ex[1]), [2])
+    ref = torch.nn.functional.rms_norm(x, (x.shape[-1],), model.norm, model.cfg.rms_eps)
+    torch.testing.assert_close(hf, ref, atol=1e-5, rtol=1e-5)
