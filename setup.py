@@ -143,7 +143,10 @@ setup(
         "jinja2",
         "tqdm",
         "matplotlib",
+        "protobuf",  # SentencePiece model files rebuilt from GGUF metadata
     ],
-    extras_require={"test": ["pytest", "transformers", "triton", "ruff"]},
+    # transformers (+ accelerate for its GGUF loader) is the reference the tests compare against.
+    extras_require={"test": ["pytest", "transformers", "accelerate", "triton", "ruff"]},
+    package_data={"firp_engine": ["heads/*.json", "heads/*.safetensors"]},
     zip_safe=False,
 )

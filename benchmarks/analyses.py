@@ -218,6 +218,7 @@ def plot_all(res: dict, sweep: dict | None, out_dir: Path) -> list[str]:
             ("early_exit_direct", "v:"),
         ):
             ax.plot(acc[name]["offsets"], acc[name][n], style, label=name)
+        ax.set_xticks(acc["early_exit_ar"]["offsets"])
         ax.set_title(f"{n} vs the model's greedy token")
         ax.set_xlabel("offset i (token p+i+1)")
     axes[0].set_ylabel("accuracy")

@@ -26,6 +26,7 @@ CONTEXT, TREE_NODES, PSEUDO, BLOCK = 1024, 16, 48, 16
 LINEAR_SHAPES = {  # name: (N, K) of the weight
     "q/o 576x576": (N_HEADS * HEAD_DIM, D_MODEL),
     "kv 192x576": (N_KV * HEAD_DIM, D_MODEL),
+    "qkv 960x576 (fused)": ((N_HEADS + 2 * N_KV) * HEAD_DIM, D_MODEL),
     "gate_up 3072x576": (2 * FFN, D_MODEL),
     "down 576x1536": (D_MODEL, FFN),
     "lm_head 49152x576": (VOCAB, D_MODEL),
@@ -33,19 +34,20 @@ LINEAR_SHAPES = {  # name: (N, K) of the weight
 M_VALUES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def timeit(fn: Callable[[], object], min_time: float = 0.05, repeats: int = 5) -> float:
-    """Best mean seconds per call over `repeats` batches of about `min_time` each."""
+def timeit(fn: Callable[[], object], min_time: float = 0.2, min_samples: int = 5) -> float:
+    """Seconds per call: the fastest of many short samples (each >= ~50 us of calls), so that
+    a sample the OS scheduler interrupted (the machine is shared) does not count."""
     fn()
     t0 = time.perf_counter()
     fn()
-    once = max(time.perf_counter() - t0, 1e-7)
-    n = max(1, int(min_time / once))
-    best = math.inf
-    for _ in range(repeats):
+    calls = max(1, int(50e-6 / max(time.perf_counter() - t0, 1e-7)))
+    best, n, end = math.inf, 0, time.perf_counter() + min_time
+    while n < min_samples or time.perf_counter() < end:
         t0 = time.perf_counter()
-        for _ in range(n):
+        for _ in range(calls):
             fn()
-        best = min(best, (time.perf_counter() - t0) / n)
+        best = min(best, (time.perf_counter() - t0) / calls)
+        n += 1
     return best
 
 
@@ -53,7 +55,7 @@ def copy_bandwidth() -> float:
     """GB/s of a 256 MiB tensor copy, counting the bytes read and written."""
     src = torch.ones(64 * 2**20)
     dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / timeit(lambda: dst.copy_(src), min_time=0.2) / 1e9
+    return 2 * src.numel() * 4 / timeit(lambda: dst.copy_(src), min_time=1.0) / 1e9
 
 
 def nbytes(*tensors: torch.Tensor) -> int:
@@ -156,7 +158,7 @@ def bench_linear(dt: torch.dtype, backend: str) -> list[dict]:
         for m in M_VALUES:
             x = torch.randn(m, k, dtype=dt)
             # the reference gets fewer repeats: its bf16 path is slow on large M
-            ref = timeit(lambda x=x, w=w: ops.linear(x, w, w), min_time=0.02, repeats=3)
+            ref = timeit(lambda x=x, w=w: ops.linear(x, w, w), min_time=0.05, min_samples=3)
             fast = timeit(lambda x=x, w=w, p=packed, f=lin: f(x, w, p))
             rows.append(
                 {

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "cpu_ops.h"
@@ -62,13 +63,31 @@ struct State {
 
 // ---------------------------------------------------------------- few rows
 
-// s[r][i] = q[r] . k[i] for R rows, dot-product form.
+// s[r][i] = q[r] . k[i] for R rows, dot-product form; keys in pairs so that each q load
+// serves two keys and 2R accumulator chains run side by side.
 template <int R, typename T>
 inline void few_scores(const float* q,       // [R, D]
                        const T* const* kp,   // [n] key rows [D]
                        int n, int64_t D,
                        float* s) {           // [R, KB]
-  for (int i = 0; i < n; ++i) {
+  int i = 0;
+  for (; i + 2 <= n; i += 2) {
+    vf a0[R], a1[R];
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = zero();
+    for (int64_t c = 0; c < D; c += W) {
+      const vf k0 = load(kp[i] + c), k1 = load(kp[i + 1] + c);
+      for (int r = 0; r < R; ++r) {
+        const vf qv = load(q + r * D + c);
+        a0[r] = fma(qv, k0, a0[r]);
+        a1[r] = fma(qv, k1, a1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      s[r * KB + i] = hsum(a0[r]);
+      s[r * KB + i + 1] = hsum(a1[r]);
+    }
+  }
+  for (; i < n; ++i) {
     vf acc[R];
     for (int r = 0; r < R; ++r) acc[r] = zero();
     for (int64_t c = 0; c < D; c += W) {
@@ -307,32 +326,22 @@ void load_queries(const Problem& pb, const Item& it, State& st) {
     for (int64_t d = 0; d < pb.D; ++d) std::fill(st.q + d * st.RP + st.R, st.q + (d + 1) * st.RP, 0.f);
 }
 
-// Where an item's result goes: unnormalised rows [ROWS_PER_ITEM, D] and (max, sum) pairs.
+// Where an item's result goes: unnormalised rows [R, D] and (max, sum) pairs [R, 2].
 struct Partial {
   float* o;
   float* ml;
 };
 
-template <typename TC, typename TS>
-void run_item(const Problem& pb, const Item& it, State& st, Partial part) {
-  const int64_t D = pb.D;
-  st.R = int(it.nr);
-  st.RP = int((it.nr + W - 1) / W * W);
-  st.D = D;
-  if (pb.q_bf16) load_queries<bf16_t>(pb, it, st);
-  else load_queries<float>(pb, it, st);
-  std::fill(st.o, st.o + st.RP * D, 0.f);
-  std::fill(st.m, st.m + st.RP, M_EMPTY);
-  std::fill(st.l, st.l + st.RP, 0.f);
-  // paged prefix, no mask
-  const TC* kp[KB];
-  const TC* vp[KB];
+// The item's paged prefix keys [k0, k1), no mask.
+template <typename TC>
+void attend_prefix(const Problem& pb, const Item& it, State& st) {
   const TC* kc = static_cast<const TC*>(pb.kc);
   const TC* vc = static_cast<const TC*>(pb.vc);
   const int32_t* pages = pb.pages + it.seq * pb.pages_ld;
-  const int64_t row_ld = pb.Hkv * D;
-  auto offset = [&](int64_t t) { return (int64_t(pages[t / pb.bs]) * pb.bs + t % pb.bs) * row_ld + it.h * D; };
-  const int64_t row_bytes = D * int64_t(sizeof(TC));
+  const int64_t row_ld = pb.Hkv * pb.D, row_bytes = pb.D * int64_t(sizeof(TC));
+  auto offset = [&](int64_t t) { return (int64_t(pages[t / pb.bs]) * pb.bs + t % pb.bs) * row_ld + it.h * pb.D; };
+  const TC* kp[KB];
+  const TC* vp[KB];
   for (int64_t b0 = it.k0; b0 < it.k1; b0 += KB) {
     const int n = int(std::min<int64_t>(KB, it.k1 - b0));
     for (int i = 0; i < n; ++i) {
@@ -353,33 +362,51 @@ void run_item(const Problem& pb, const Item& it, State& st, Partial part) {
     }
     attend_block(st, kp, vp, n, nullptr);
   }
-  // scratch rows under the bit mask; blocks start at multiples of KB so never straddle a word
-  if (it.scratch) {
-    const TS* kn = static_cast<const TS*>(pb.kn);
-    const TS* vn = static_cast<const TS*>(pb.vn);
-    const TS* skp[KB];
-    const TS* svp[KB];
-    uint64_t bits[ROWS_PER_ITEM];
-    for (int64_t j0 = 0; j0 < pb.S; j0 += KB) {
-      const int n = int(std::min<int64_t>(KB, pb.S - j0));
-      const uint64_t keep = (1ull << n) - 1;  // n <= 32
-      uint64_t any = 0;
-      for (int r = 0; r < st.R; ++r) {
-        const uint64_t word = uint64_t(pb.mask[row_token(pb, it, r) * pb.mask_ld + j0 / 64]);
-        bits[r] = (word >> (j0 % 64)) & keep;
-        any |= bits[r];
-      }
-      if (!any) continue;  // no row of this item sees these keys
-      for (int i = 0; i < n; ++i) {
-        skp[i] = kn + (j0 + i) * pb.kn_s0 + it.h * pb.kn_s1;
-        svp[i] = vn + (j0 + i) * pb.vn_s0 + it.h * pb.vn_s1;
-      }
-      attend_block(st, skp, svp, n, bits);
+}
+
+// The scratch rows under the bit mask; blocks start at multiples of KB, so a block's bits
+// lie in one 64-bit word, and blocks no row of the item sees are skipped.
+template <typename TS>
+void attend_scratch(const Problem& pb, const Item& it, State& st) {
+  const TS* kn = static_cast<const TS*>(pb.kn);
+  const TS* vn = static_cast<const TS*>(pb.vn);
+  const TS* kp[KB];
+  const TS* vp[KB];
+  uint64_t bits[ROWS_PER_ITEM];
+  for (int64_t j0 = 0; j0 < pb.S; j0 += KB) {
+    const int n = int(std::min<int64_t>(KB, pb.S - j0));
+    const uint64_t keep = (1ull << n) - 1;  // n <= 32
+    uint64_t any = 0;
+    for (int r = 0; r < st.R; ++r) {
+      const uint64_t word = uint64_t(pb.mask[row_token(pb, it, r) * pb.mask_ld + j0 / 64]);
+      bits[r] = (word >> (j0 % 64)) & keep;
+      any |= bits[r];
     }
+    if (!any) continue;
+    for (int i = 0; i < n; ++i) {
+      kp[i] = kn + (j0 + i) * pb.kn_s0 + it.h * pb.kn_s1;
+      vp[i] = vn + (j0 + i) * pb.vn_s0 + it.h * pb.vn_s1;
+    }
+    attend_block(st, kp, vp, n, bits);
   }
+}
+
+template <typename TC, typename TS>
+void run_item(const Problem& pb, const Item& it, State& st, Partial part) {
+  const int64_t D = pb.D;
+  st.R = int(it.nr);
+  st.RP = int((it.nr + W - 1) / W * W);
+  st.D = D;
+  if (pb.q_bf16) load_queries<bf16_t>(pb, it, st);
+  else load_queries<float>(pb, it, st);
+  std::fill(st.o, st.o + st.RP * D, 0.f);
+  std::fill(st.m, st.m + st.RP, M_EMPTY);
+  std::fill(st.l, st.l + st.RP, 0.f);
+  attend_prefix<TC>(pb, it, st);
+  if (it.scratch) attend_scratch<TS>(pb, it, st);
   for (int r = 0; r < st.R; ++r) {
     if (st.R <= FEW) std::copy(st.o + r * D, st.o + (r + 1) * D, part.o + r * D);
-    else
+    else  // many rows: o is transposed
       for (int64_t d = 0; d < D; ++d) part.o[r * D + d] = st.o[d * st.RP + r];
     part.ml[2 * r] = st.m[r];
     part.ml[2 * r + 1] = st.l[r];
@@ -393,41 +420,45 @@ struct Group {
 
 // Merges a group's partials by log-sum-exp and writes the output rows.
 template <typename TO>
-void merge_group(const Problem& pb, const Item* items, const Group& gr, const float* part_o, const float* part_ml,
-                 void* out, int64_t o_s0, int64_t o_s1) {
+void merge_group(const Problem& pb, const Item* items, const Group& gr,
+                 const float* part_o,   // [items, rows_ld, D]
+                 const float* part_ml,  // [items, rows_ld, 2]
+                 int64_t rows_ld, void* out, int64_t o_s0, int64_t o_s1) {
   const Item& it = items[gr.first];
   const int64_t D = pb.D;
-  std::vector<float> acc(D);
+  float acc[MAX_D];
   for (int64_t r = 0; r < it.nr; ++r) {
     float m = M_EMPTY;
-    for (int64_t s = 0; s < gr.count; ++s) m = std::max(m, part_ml[((gr.first + s) * ROWS_PER_ITEM + r) * 2]);
+    for (int64_t s = 0; s < gr.count; ++s) m = std::max(m, part_ml[((gr.first + s) * rows_ld + r) * 2]);
     float l = 0.f;
-    std::fill(acc.begin(), acc.end(), 0.f);
+    std::fill(acc, acc + D, 0.f);
     for (int64_t s = 0; s < gr.count; ++s) {
-      const int64_t slot = (gr.first + s) * ROWS_PER_ITEM + r;
+      const int64_t slot = (gr.first + s) * rows_ld + r;
       const float w = std::exp2(part_ml[slot * 2] - m);  // a range that showed the row nothing has l = 0
       l += w * part_ml[slot * 2 + 1];
       const vf wv = set1(w);
-      for (int64_t c = 0; c < D; c += W)
-        store(acc.data() + c, fma(load(part_o + slot * D + c), wv, load(acc.data() + c)));
+      for (int64_t c = 0; c < D; c += W) store(acc + c, fma(load(part_o + slot * D + c), wv, load(acc + c)));
     }
     TO* dst = static_cast<TO*>(out) + row_token(pb, it, r) * o_s0 + row_head(pb, it, r) * o_s1;
     const vf inv = set1(1.f / l);
-    for (int64_t c = 0; c < D; c += W) store(dst + c, mul(load(acc.data() + c), inv));
+    for (int64_t c = 0; c < D; c += W) store(dst + c, mul(load(acc + c), inv));
   }
 }
+
+// Uninitialised float scratch (zero-filling it would cost more than some calls).
+std::unique_ptr<float[]> scratch(int64_t n) { return std::unique_ptr<float[]>(new float[n]); }
 
 // Runs all items in parallel, then the merges; out [.., H, D] has a contiguous last dim.
 template <typename TC, typename TS>
 void run_all(const Problem& pb, const std::vector<Item>& items, const std::vector<Group>& groups, at::Tensor& out) {
-  const int64_t D = pb.D;
-  std::vector<float> part_o(items.size() * ROWS_PER_ITEM * D);
-  std::vector<float> part_ml(items.size() * ROWS_PER_ITEM * 2);
-  at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t i0, int64_t i1) {
-    constexpr int64_t R = ROWS_PER_ITEM;
-    std::vector<float> buf(2 * D * R + 3 * R + KB * R + 2 * KB * D + D);
+  const int64_t D = pb.D, n = int64_t(items.size());
+  int64_t R = 0;  // rows of the largest item, rounded to whole vectors
+  for (const Item& it : items) R = std::max(R, (it.nr + W - 1) / W * W);
+  auto part_o = scratch(n * R * D), part_ml = scratch(n * R * 2);
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    auto buf = scratch(2 * D * R + 3 * R + KB * R + 2 * KB * D + D);
     State st;
-    st.q = buf.data();
+    st.q = buf.get();
     st.o = st.q + D * R;
     st.m = st.o + D * R;
     st.l = st.m + R;
@@ -436,16 +467,18 @@ void run_all(const Problem& pb, const std::vector<Item>& items, const std::vecto
     st.kb = st.s + KB * R;
     st.vb = st.kb + KB * D;
     st.zeros = st.vb + KB * D;
+    std::fill(st.zeros, st.zeros + D, 0.f);
     for (int64_t i = i0; i < i1; ++i)
-      run_item<TC, TS>(pb, items[i], st, {part_o.data() + i * R * D, part_ml.data() + i * R * 2});
+      run_item<TC, TS>(pb, items[i], st, {part_o.get() + i * R * D, part_ml.get() + i * R * 2});
   });
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
   at::parallel_for(0, int64_t(groups.size()), 4, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
-      if (out.scalar_type() == at::kBFloat16)
-        merge_group<bf16_t>(pb, items.data(), groups[g], part_o.data(), part_ml.data(), out.data_ptr(),
+      if (bf16)
+        merge_group<bf16_t>(pb, items.data(), groups[g], part_o.get(), part_ml.get(), R, out.data_ptr(),
                             out.stride(0), out.stride(1));
       else
-        merge_group<float>(pb, items.data(), groups[g], part_o.data(), part_ml.data(), out.data_ptr(),
+        merge_group<float>(pb, items.data(), groups[g], part_o.get(), part_ml.get(), R, out.data_ptr(),
                            out.stride(0), out.stride(1));
     }
   });
@@ -522,6 +555,20 @@ void check_pages(const int32_t* pages, int64_t n_tokens, int64_t bs, int64_t max
     TORCH_CHECK(pages[i] >= 0 && pages[i] < n_blocks, name, ": page ", pages[i], " is outside [0, ", n_blocks, ")");
 }
 
+// t itself when it already has this dtype and is contiguous (the common case: no op calls).
+at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();
+}
+
+// Context lengths as int64, read without a conversion op for int32 and int64 tensors.
+std::vector<int64_t> read_lengths(const at::Tensor& t_in) {
+  const at::Tensor t = t_in.scalar_type() == at::kInt ? t_in.contiguous() : as_contiguous(t_in, at::kLong);
+  std::vector<int64_t> out(t.numel());
+  if (t.scalar_type() == at::kInt) std::copy(ptr<int32_t>(t), ptr<int32_t>(t) + t.numel(), out.begin());
+  else std::copy(ptr<int64_t>(t), ptr<int64_t>(t) + t.numel(), out.begin());
+  return out;
+}
+
 // Output buffer with a contiguous last dim: `out` when usable, else a new tensor.
 at::Tensor out_buffer(const OptTensor& out, const at::Tensor& q) {
   if (out && out->sizes() == q.sizes() && out->scalar_type() == q.scalar_type() && out->stride(-1) == 1) return *out;
@@ -542,16 +589,15 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
                                   const OptTensor& out) {
   check_heads(q_in, k_cache_in, v_cache_in, "paged_decode_attention");
   const at::Tensor q = rows_contig(q_in), kc = k_cache_in.contiguous(), vc = v_cache_in.contiguous();
-  const at::Tensor pages = page_tables_in.to(at::kInt).contiguous();
-  const at::Tensor lens = context_lens_in.to(at::kLong).contiguous();
+  const at::Tensor pages = as_contiguous(page_tables_in, at::kInt);
+  const std::vector<int64_t> len = read_lengths(context_lens_in);
   const int64_t B = q.size(0);
-  TORCH_CHECK(pages.dim() == 2 && pages.size(0) == B && lens.numel() == B,
+  TORCH_CHECK(pages.dim() == 2 && pages.size(0) == B && int64_t(len.size()) == B,
               "paged_decode_attention: expected page_tables [", B, ", P] and context_lens [", B, "], got ",
-              pages.sizes(), " and ", lens.sizes());
+              pages.sizes(), " and ", context_lens_in.sizes());
   at::Tensor res = out_buffer(out, q);
   if (B == 0) return out ? *out : res;
   Problem pb = make_problem(q, kc, vc, pages, scale);
-  const int64_t* len = ptr<int64_t>(lens);
   for (int64_t b = 0; b < B; ++b)
     check_pages(pb.pages + b * pb.pages_ld, len[b], pb.bs, pb.pages_ld, kc.size(0), "paged_decode_attention");
   std::vector<Item> items;
@@ -573,9 +619,9 @@ at::Tensor tree_attention(const at::Tensor& q_in, const at::Tensor& k_cache_in, 
                           const at::Tensor& v_new_in, const at::Tensor& mask_in, double scale, const OptTensor& out) {
   check_heads(q_in, k_cache_in, v_cache_in, "tree_attention");
   const at::Tensor q = rows_contig(q_in), kc = k_cache_in.contiguous(), vc = v_cache_in.contiguous();
-  const at::Tensor pages = page_table_in.to(at::kInt).contiguous().view({1, page_table_in.numel()});
+  const at::Tensor pages = as_contiguous(page_table_in, at::kInt);  // [P]: one sequence
   const at::Tensor kn = rows_contig(k_new_in), vn = rows_contig(v_new_in);
-  const at::Tensor mask = mask_in.to(at::kLong).contiguous();
+  const at::Tensor mask = as_contiguous(mask_in, at::kLong);
   const int64_t T = q.size(0), S = kn.size(0);
   TORCH_CHECK(kn.dim() == 3 && kn.sizes() == vn.sizes() && kn.size(1) == kc.size(2) && kn.size(2) == q.size(2),
               "tree_attention: k_new/v_new must be [S, ", kc.size(2), ", ", q.size(2), "], got ", kn.sizes());

@@ -160,9 +160,8 @@ class MedusaDecoder:
     def run_step(self, st: State, count: bool = False) -> list[int]:
         model, tree, cands = self.model, st.extra["tree"], st.extra["cands"]
         tokens = tree.node_tokens(st.tokens[-1], cands)
-        pos = (st.seq.length + tree.offsets).clamp_(
-            max=model.cos.shape[0] - 1
-        )  # past the end: never accepted
+        # positions past the RoPE table only occur for drafts past the context: never accepted
+        pos = (st.seq.length + tree.offsets).clamp_(max=model.cos.shape[0] - 1)
         batch = Batch(pos, [SeqRows(st.seq, 0, tree.n, tree.tree_bits)], "tree", scratch=self.scratch)
         h = model.forward(batch, model.embed_tokens(tokens))
         logits = model.logits(h)

@@ -670,8 +670,26 @@ def load_data(
         raise FirpError("no self-distilled training data yet (see firp_engine/firp/data.py)")
     train_set = train_set[:n_train] if n_train else train_set
     val_set = val_set[:n_val]
+    folder = Path(data_dir) if data_dir else data.CACHE_DIR
+
+    def origin(split: str) -> dict:
+        # data.py writes shard_<split>_sharegpt.pt for ShareGPT's own replies, numbered shards
+        # for the model's greedy replies; the targets are the model's logits either way.
+        names = [p.name for p in data._shards(folder, split)]
+        n_sharegpt = sum("sharegpt" in n for n in names)
+        kind = (
+            "mixed"
+            if 0 < n_sharegpt < len(names)
+            else "ShareGPT's own"
+            if n_sharegpt
+            else "the model's greedy"
+        )
+        return {"shards": names, "replies": kind}
+
     desc = {
-        "source": "ShareGPT prompts + the model's own greedy replies (self-distillation)",
+        "source": "ShareGPT prompts; targets are the model's own logits (self-distillation)",
+        "train": origin("train"),
+        "validation": origin("validation") if n_val else None,
         "train_sequences": len(train_set),
         "train_reply_tokens": sum(len(r) for _, r in train_set),
         "val_sequences": len(val_set),
