@@ -1,5 +1,7 @@
 """Medusa baseline on tiny random models: lossless greedy, head files, training lowers the loss."""
 
+import dataclasses
+
 import pytest
 import torch
 from test_firp_decode import assert_same_or_near_tie, make_llm, prompts, tiny_checkpoint
@@ -167,3 +169,17 @@ def test_final_states_match_the_model(llm):
     *_, x = T.run_context(model, torch.tensor(ex[0] + ex[1]), [2])
     ref = torch.nn.functional.rms_norm(x, (x.shape[-1],), model.norm, model.cfg.rms_eps)
     torch.testing.assert_close(hf, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_matches_one_run(llm, tmp_path):
+    torch.set_num_threads(1)
+    model = llm.model
+    cfg = T.TrainConfig(layer=2, k=3, lr=3e-2, batch_positions=16, positions_per_seq=8, n_top=16,
+                        warmup=2, seed=3, epochs=3, max_steps=10, ckpt_every=4)  # fmt: skip
+    data = examples(8, llm.config.vocab_size)
+    store = T.ContextStore(model, [cfg.layer], cfg.n_top, cfg.max_len)
+    whole, _ = M.train_medusa(model, data, cfg, store, ckpt_path=tmp_path / "a.pt")
+    M.train_medusa(model, data, dataclasses.replace(cfg, max_steps=6), store, ckpt_path=tmp_path / "b.pt")
+    resumed, state = M.train_medusa(model, data, cfg, store, ckpt_path=tmp_path / "b.pt", resume=True)
+    assert state.step == 10 and len(state.history) == 10
+    assert torch.equal(whole.weight, resumed.weight) and torch.equal(whole.bias, resumed.bias)

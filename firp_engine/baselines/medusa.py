@@ -244,9 +244,12 @@ def train_medusa(
     cfg: T.TrainConfig,
     store: T.ContextStore,
     progress: bool = False,
+    ckpt_path: Path | None = None,
+    resume: bool = False,
 ) -> tuple[MedusaHead, T.TrainState]:
     """FIRP's loop with Medusa heads: same sequence order, positions, teacher rows, loss and
-    schedule for the same cfg (cfg.layer only names the cached context layer)."""
+    schedule for the same cfg (cfg.layer only names the cached context layer). Checkpoints
+    and --resume as train.py's."""
     if cfg.k < 1:
         raise FirpError(f"--k must be >= 1, got {cfg.k}")
     if not examples:
@@ -255,11 +258,13 @@ def train_medusa(
     head = MedusaHead(model.cfg.hidden_size, cfg.k)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state, weights = T.TrainState(), cfg.weights()
+    if resume and ckpt_path is not None and ckpt_path.is_file():
+        state = T.load_checkpoint(ckpt_path, head, opt, cfg)
     per_epoch = -(-len(examples) // cfg.seqs_per_step)
     total = per_epoch * cfg.epochs
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
     t0, c0 = time.monotonic(), time.process_time()
-    bar = T._bar(range(stop), "train medusa", progress, total=stop)
+    bar = T._bar(range(state.step, stop), "train medusa", progress, total=stop, initial=state.step)
     for step in bar:
         if cfg.max_minutes and time.monotonic() - t0 > 60 * cfg.max_minutes:
             break
@@ -288,6 +293,10 @@ def train_medusa(
             if progress:
                 bar.set_postfix_str(f"loss {loss.item():.3f}")
         state.step = step + 1
+        if ckpt_path is not None and cfg.ckpt_every and state.step % cfg.ckpt_every == 0:
+            T.save_checkpoint(ckpt_path, head, opt, state, cfg)
+    if ckpt_path is not None:
+        T.save_checkpoint(ckpt_path, head, opt, state, cfg)
     state.cpu_s, state.wall_s = time.process_time() - c0, time.monotonic() - t0
     return head, state
 
@@ -360,7 +369,11 @@ def run(args: argparse.Namespace) -> dict:
     store = T.ContextStore(
         model, [cfg.layer], cfg.n_top, cfg.max_len, cfg.prompt_frac > 0, args.cache_dir, fingerprint
     )
-    head, state = train_medusa(model, train_set, cfg, store, not args.no_progress)
+    out = Path(args.out)
+    out = out.with_suffix("") if out.suffix in (".json", ".safetensors") else out
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / out.name
+    ckpt_path = run_dir / "checkpoint.pt"
+    head, state = train_medusa(model, train_set, cfg, store, not args.no_progress, ckpt_path, args.resume)
     t0 = time.monotonic()
     val = validate_medusa(model, head, val_set, cfg, store) if val_set else {}
     argv = sys.argv[1:] if sys.argv[1:2] != ["train-head"] else sys.argv[2:]
@@ -383,11 +396,7 @@ def run(args: argparse.Namespace) -> dict:
         "validation": {k: v for k, v in val.items() if k != "acc"},
         "acc": val.get("acc"),
     }
-    out = Path(args.out)
-    out = out.with_suffix("") if out.suffix in (".json", ".safetensors") else out
     head.save(out, meta)
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / out.name
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "history.json").write_text(json.dumps(state.history) + "\n")
     print(json.dumps({"out": str(out), "train_wall_s": meta["train_wall_s"], **meta["validation"]}))
     return meta
