@@ -1,7 +1,11 @@
 """Spec-Bench: speedup over plain decoding and mean accepted tokens, per category, one run.
 
-    python benchmarks/spec_bench.py --methods ar firp pld [--limit 2] [--dtype bf16]
+    python benchmarks/spec_bench.py --methods ar firp pld medusa [--limit 2] [--dtype bf16]
         [--out benchmarks/results/spec_bench]
+
+A method may carry decoder options: `firp:tree_budget=4,pseudo_policy=top:1` is FIRP with a
+4-node tree whose root alone spawns pseudo rows (`head=PATH` picks a head file); each
+variant is its own column.
 
 Every method decodes the same questions (first turn, chat template, greedy, up to
 --max-new-tokens) in the same process, interleaved question by question so that machine
@@ -38,13 +42,27 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i in range(n) if a[i] != b[i]), None if len(a) == len(b) else n)
 
 
+def parse_method(spec: str, args) -> tuple[str, dict]:
+    """'firp:tree_budget=4,pseudo_policy=top:1' -> ('firp', {'tree_budget': 4, ...})."""
+    name, _, rest = spec.partition(":")
+    opts: dict = {}
+    if name != "ar" and args.tree_budget:
+        opts["tree_budget"] = args.tree_budget
+    if name == "firp" and args.head:
+        opts["head"] = args.head
+    for item in filter(None, rest.split(",")):
+        key, _, val = item.partition("=")
+        opts[key] = int(val) if val.isdigit() else val
+    return name, opts
+
+
 def run(args) -> dict:
     from firp_engine.generate import LLM
 
     torch.set_num_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, backend=args.backend, head=args.head)
+    llm = LLM(args.model, dtype=args.dtype, backend=args.backend)
     questions = load_questions(args.questions, args.limit)
-    opts = {"tree_budget": args.tree_budget} if args.tree_budget else {}
+    variants = {m: parse_method(m, args) for m in args.methods}
     llm.generate("Hello", max_new_tokens=8)  # warm-up
     stats: dict = defaultdict(lambda: defaultdict(lambda: {"tokens": 0, "secs": 0.0, "steps": 0, "n": 0}))
     mismatches: dict[str, list] = defaultdict(list)
@@ -52,8 +70,10 @@ def run(args) -> dict:
         ids = llm.encode(q["turns"][0])
         outs = {}
         for m in args.methods:
-            kw = opts if m != "ar" else {}
-            r = llm.generate(q["turns"][0], m, prompt_ids=[ids], max_new_tokens=args.max_new_tokens, **kw)[0]
+            name, kw = variants[m]
+            r = llm.generate(q["turns"][0], name, prompt_ids=[ids], max_new_tokens=args.max_new_tokens, **kw)[
+                0
+            ]
             outs[m] = r.new_ids
             for cat in (q["category"], "overall"):
                 s = stats[m][cat]
@@ -154,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     ap.add_argument("--backend", default=None)
-    ap.add_argument("--head", default=None)
+    ap.add_argument("--head", default=None, help="FIRP head (default: the shipped one)")
     ap.add_argument("--tree-budget", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/spec_bench"))

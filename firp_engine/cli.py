@@ -220,12 +220,9 @@ def cmd_bench(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv  # None: sys.argv (train-head records the command in the head's JSON)
     try:
-        if args.cmd == "train-head" and args.method == "medusa":
-            from firp_engine.baselines import medusa
-
-            medusa.run(args)
-        elif args.cmd == "train-head":
+        if args.cmd == "train-head":
             from firp_engine.firp import train
 
             train.run(args)

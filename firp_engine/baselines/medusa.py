@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shlex
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -35,7 +33,7 @@ from firp_engine import ops
 from firp_engine.errors import FirpError
 from firp_engine.firp import train as T
 from firp_engine.firp.decode import FirpDecoder, StepStats
-from firp_engine.firp.head import read_head_files, shipped_head
+from firp_engine.firp.head import read_head_files, resolve_head
 from firp_engine.firp.tree import Tree, default_acc
 from firp_engine.firp.verify import greedy_walk, sample_walk
 from firp_engine.generate import State, prefill
@@ -91,25 +89,6 @@ def head_logits(model: Transformer, head: MedusaHead, x: torch.Tensor) -> torch.
     return model.lm_head(z.reshape(-1, z.shape[-1])).float().view(*z.shape[:2], -1)
 
 
-def load_head(llm, head: MedusaHead | str | Path | None) -> MedusaHead:
-    """The head given, --head, or the one shipped for this model; refused if made for another."""
-    fp = llm.ckpt.fingerprint()
-    if isinstance(head, MedusaHead):
-        if head.meta.get("fingerprint") != fp:
-            raise FirpError(
-                f"Medusa head was trained for another model (fingerprint {head.meta.get('fingerprint')}, "
-                f"this model is {fp}); train one with `firp train-head --method medusa`"
-            )
-        return head
-    path = head or llm.head_path or shipped_head(fp, kind="medusa")
-    if path is None:
-        raise FirpError(
-            f"no Medusa head for this model (fingerprint {fp}): "
-            "train one with `firp train-head --method medusa`"
-        )
-    return MedusaHead.load(path, fp)
-
-
 # ---------------------------------------------------------------- decoding
 
 
@@ -130,7 +109,7 @@ class MedusaDecoder:
         self.model, self.params = llm.model, params
         self.chunk, self.max_context = llm.prefill_chunk, llm.max_context
         cfg = self.model.cfg
-        h = load_head(llm, head)
+        h = resolve_head(llm, head, MedusaHead, "medusa")
         if h.weight.shape[-1] != cfg.hidden_size:
             raise FirpError(
                 f"Medusa head (d={h.weight.shape[-1]}) does not fit this model (d={cfg.hidden_size})"
@@ -243,9 +222,9 @@ def train_medusa(
     examples: list[T.Example],
     cfg: T.TrainConfig,
     store: T.ContextStore,
-    progress: bool = False,
     ckpt_path: Path | None = None,
     resume: bool = False,
+    progress: bool = False,
 ) -> tuple[MedusaHead, T.TrainState]:
     """FIRP's loop with Medusa heads: same sequence order, positions, teacher rows, loss and
     schedule for the same cfg (cfg.layer only names the cached context layer). Checkpoints
@@ -332,7 +311,12 @@ def medusa_ranks(model: Transformer, head: MedusaHead, ctx: T.Context, pos: torc
 
 
 def validate_medusa(
-    model: Transformer, head: MedusaHead, examples: list[T.Example], cfg: T.TrainConfig, store: T.ContextStore
+    model: Transformer,
+    head: MedusaHead,
+    examples: list[T.Example],
+    cfg: T.TrainConfig,
+    store: T.ContextStore,
+    progress: bool = False,  # train.validate's signature; held-out Medusa validation is quick
 ) -> dict:
     ranks = []
     for ex in examples:
@@ -351,57 +335,6 @@ def validate_medusa(
 # ---------------------------------------------------------------- CLI
 
 
-def run(args: argparse.Namespace) -> dict:
-    """`firp train-head --method medusa`: takes train.py's namespace (--layer only picks the
-    cached context layer whose h the final states are recomputed from; default 20)."""
-    from firp_engine.loading import load
-
-    torch.set_num_threads(args.threads)
-    if getattr(args, "layer", None) is None:
-        args.layer = 20
-    cfg = T.config_from_args(args)
-    ckpt = load(args.model)
-    model = Transformer(ckpt, args.dtype)
-    if not 0 < cfg.layer < model.cfg.n_layers:
-        raise FirpError(f"--layer must be in 1..{model.cfg.n_layers - 1}, got {cfg.layer}")
-    train_set, val_set, desc = T.load_data(args.samples, args.val, args.data_dir)
-    fingerprint = ckpt.fingerprint()
-    store = T.ContextStore(
-        model, [cfg.layer], cfg.n_top, cfg.max_len, cfg.prompt_frac > 0, args.cache_dir, fingerprint
-    )
-    out = Path(args.out)
-    out = out.with_suffix("") if out.suffix in (".json", ".safetensors") else out
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / out.name
-    ckpt_path = run_dir / "checkpoint.pt"
-    head, state = train_medusa(model, train_set, cfg, store, not args.no_progress, ckpt_path, args.resume)
-    t0 = time.monotonic()
-    val = validate_medusa(model, head, val_set, cfg, store) if val_set else {}
-    argv = sys.argv[1:] if sys.argv[1:2] != ["train-head"] else sys.argv[2:]
-    meta = {
-        "fingerprint": fingerprint,
-        "model": Path(ckpt.source).name,
-        "dtype": args.dtype,
-        "command": "firp train-head "
-        + shlex.join(argv if "--method" in argv else ["--method", "medusa", *argv]),
-        "train_config": asdict(cfg),
-        "data": desc,
-        "steps": state.step,
-        "threads": args.threads,
-        "train_wall_s": round(state.wall_s, 1),
-        "train_cpu_s": round(state.cpu_s, 1),
-        "validation_wall_s": round(time.monotonic() - t0, 1),
-        "context_passes": store.stats(),
-        "trainable_params": head.n_params(),
-        "final_train_loss": state.history[-1]["loss"] if state.history else None,
-        "validation": {k: v for k, v in val.items() if k != "acc"},
-        "acc": val.get("acc"),
-    }
-    head.save(out, meta)
-    (run_dir / "history.json").write_text(json.dumps(state.history) + "\n")
-    print(json.dumps({"out": str(out), "train_wall_s": meta["train_wall_s"], **meta["validation"]}))
-    return meta
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="firp train-head --method medusa", description="Train Medusa-1 heads.")
     T.add_arguments(p)
@@ -409,8 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.dest == "layer":
             a.required, a.default = False, None
     args = p.parse_args(argv)
+    args.argv = argv
     try:
-        run(args)
+        T.run(args, "medusa")
     except FirpError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

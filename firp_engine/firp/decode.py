@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from firp_engine.errors import FirpError
-from firp_engine.firp.head import FirpHead, shipped_head
+from firp_engine.firp.head import FirpHead, resolve_head
 from firp_engine.firp.tree import Tree, default_acc
 from firp_engine.firp.verify import greedy_walk, sample_walk
 from firp_engine.generate import State, prefill
@@ -81,22 +81,6 @@ def parse_policy(policy: str) -> tuple[str, int]:
     return name, int(m) if m else 4
 
 
-def load_head(llm, head: FirpHead | str | Path | None) -> FirpHead:
-    """The head to use: given, --head, or shipped with the package; refused if made for another model."""
-    fp = llm.ckpt.fingerprint()
-    if isinstance(head, FirpHead):
-        if head.meta.get("fingerprint") != fp:
-            raise FirpError(
-                f"FIRP head was trained for another model (fingerprint {head.meta.get('fingerprint')}, "
-                f"this model is {fp}); train one with `firp train-head`"
-            )
-        return head
-    path = head or llm.head_path or shipped_head(fp)
-    if path is None:
-        raise FirpError(f"no FIRP head for this model (fingerprint {fp}): train one with `firp train-head`")
-    return FirpHead.load(path, fp)
-
-
 class FirpDecoder:
     """One request at a time (trees are per sequence); see the module docstring."""
 
@@ -117,7 +101,7 @@ class FirpDecoder:
         self.chunk = llm.prefill_chunk
         self.max_context = llm.max_context
         cfg = self.model.cfg
-        h = load_head(llm, head)
+        h = resolve_head(llm, head, FirpHead, "firp")
         if h.weight.shape[-1] != cfg.hidden_size or not 0 < h.layer < cfg.n_layers:
             raise FirpError(
                 f"FIRP head (d={h.weight.shape[-1]}, layer {h.layer}) does not fit this model "

@@ -90,3 +90,22 @@ def shipped_head(fingerprint: str, kind: str = "firp") -> Path | None:
         if meta.get("fingerprint") == fingerprint and meta.get("kind", "firp") == kind:
             return cfg.with_suffix("")
     return None
+
+
+def resolve_head(llm, head, cls: type, kind: str):
+    """The head to use: the object or path given, the LLM's --head, or the one shipped for
+    this model; a head trained for another model is refused. cls: FirpHead or MedusaHead."""
+    fp = llm.ckpt.fingerprint()
+    name = "FIRP" if kind == "firp" else kind.capitalize()
+    train = "`firp train-head`" if kind == "firp" else f"`firp train-head --method {kind}`"
+    if isinstance(head, cls):
+        if head.meta.get("fingerprint") != fp:
+            raise FirpError(
+                f"{name} head was trained for another model (fingerprint {head.meta.get('fingerprint')}, "
+                f"this model is {fp}); train one with {train}"
+            )
+        return head
+    path = head or llm.head_path or shipped_head(fp, kind)
+    if path is None:
+        raise FirpError(f"no {name} head for this model (fingerprint {fp}): train one with {train}")
+    return cls.load(path, fp)

@@ -710,36 +710,56 @@ def precompute(
     return store.stats()
 
 
-def run(args: argparse.Namespace) -> dict:
+def trainer(kind: str):
+    """(train, validate) for a head kind; both take the same arguments."""
+    if kind == "medusa":
+        from firp_engine.baselines import medusa
+
+        return medusa.train_medusa, medusa.validate_medusa
+    if kind != "firp":
+        raise FirpError(f"unknown head kind {kind!r} (firp or medusa)")
+    return train, validate
+
+
+def run(args: argparse.Namespace, kind: str | None = None) -> dict:
+    """`firp train-head`: FIRP (default) or, with --method medusa, Medusa-1 heads on the same
+    data, context passes, loss and schedule (for Medusa --layer only picks the cached context
+    layer the final states are recomputed from; default 20)."""
     from firp_engine.loading import load
 
+    kind = kind or getattr(args, "method", None) or "firp"
+    fit, check = trainer(kind)
     torch.set_num_threads(args.threads)
+    if args.layer is None and kind == "medusa":
+        args.layer = 20
     cfg = config_from_args(args)
     ckpt = load(args.model)
     model = Transformer(ckpt, args.dtype)
+    if not 0 < cfg.layer < model.cfg.n_layers:
+        raise FirpError(f"--layer must be in 1..{model.cfg.n_layers - 1}, got {cfg.layer}")
     train_set, val_set, desc = load_data(args.samples, args.val, args.data_dir)
     fingerprint = ckpt.fingerprint()
     store = ContextStore(
         model, [cfg.layer], cfg.n_top, cfg.max_len, cfg.prompt_frac > 0, args.cache_dir, fingerprint
     )
-    out = (
-        Path(args.out).with_suffix("")
-        if Path(args.out).suffix in (".json", ".safetensors")
-        else Path(args.out)
-    )
+    out = Path(args.out)
+    out = out.with_suffix("") if out.suffix in (".json", ".safetensors") else out
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / out.name
     progress = not args.no_progress
     if args.precompute:
         return precompute(store, train_set, val_set, cfg, progress)
-    head, state = train(model, train_set, cfg, store, run_dir / "checkpoint.pt", args.resume, progress)
+    head, state = fit(model, train_set, cfg, store, run_dir / "checkpoint.pt", args.resume, progress)
     t0, c0 = time.monotonic(), time.process_time()
-    val = validate(model, head, val_set, cfg, store, progress) if val_set else {}
+    val = check(model, head, val_set, cfg, store, progress) if val_set else {}
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])  # as typed, for the head's JSON
+    argv = argv[1:] if argv[:1] == ["train-head"] else argv
+    if kind != "firp" and "--method" not in argv:
+        argv = ["--method", kind, *argv]
     meta = {
         "fingerprint": fingerprint,
         "model": Path(ckpt.source).name,
         "dtype": args.dtype,
-        "command": "firp train-head "
-        + shlex.join(sys.argv[1:] if sys.argv[1:2] != ["train-head"] else sys.argv[2:]),
+        "command": "firp train-head " + shlex.join(argv),
         "train_config": asdict(cfg),
         "data": desc,
         "steps": state.step,
@@ -749,11 +769,13 @@ def run(args: argparse.Namespace) -> dict:
         "validation_wall_s": round(time.monotonic() - t0, 1),
         "validation_cpu_s": round(time.process_time() - c0, 1),
         "context_passes": store.stats(),
+        "trainable_params": head.n_params(),
         "final_train_loss": state.history[-1]["loss"] if state.history else None,
         "validation": {k: v for k, v in val.items() if k != "acc"},
         "acc": val.get("acc"),
     }
     head.save(out, meta)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "history.json").write_text(json.dumps(state.history) + "\n")
     print(json.dumps({"out": str(out), "train_wall_s": meta["train_wall_s"], **meta["validation"]}))
     return meta
@@ -763,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="firp train-head", description="Train a FIRP head by self-distillation.")
     add_arguments(p)
     args = p.parse_args(argv)
+    args.argv = argv
     try:
         run(args)
     except FirpError as e:
