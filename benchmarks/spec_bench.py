@@ -108,6 +108,8 @@ def summarize(args, stats, mismatches) -> dict:
                 "speedup": tps / ar_tps,
                 # tokens per verification step, bonus included (the prefill token is not a step)
                 "mean_accepted": (s["tokens"] - s["n"]) / max(s["steps"], 1),
+                # decode seconds per verification step, relative to a plain step
+                "step_cost": (s["secs"] / max(s["steps"], 1)) / (ar["secs"] / max(ar["steps"], 1)),
                 "questions": s["n"],
             }
     return {
@@ -140,7 +142,17 @@ def markdown(res: dict) -> str:
         f"Outputs differing from ar: "
         + ", ".join(f"{m}: {len(res['mismatches_vs_ar'].get(m, []))}" for m in methods if m != "ar")
     )
-    return "\n".join([head, sep, *rows]) + "\n" + foot + "\n"
+    overall = [
+        "| method | tokens/s | speedup | tau | step cost (x ar step) | outputs != ar |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        o = res["table"]["overall"][m]
+        overall.append(
+            f"| {m} | {o['tokens_per_s']:.1f} | {o['speedup']:.2f}x | {o['mean_accepted']:.2f} | "
+            f"{o.get('step_cost', float('nan')):.2f} | {len(res['mismatches_vs_ar'].get(m, []))} |"
+        )
+    return "\n".join([head, sep, *rows]) + "\n" + foot + "\n\n" + "\n".join(overall) + "\n"
 
 
 def plot(res: dict, path: Path) -> None:

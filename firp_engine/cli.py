@@ -32,9 +32,16 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--head", help="FIRP/Medusa head (default: the shipped one for this model)")
-    p.add_argument("--tree-budget", type=int, default=None, help="draft tree nodes (root included)")
     p.add_argument(
-        "--pseudo-policy", default=None, help="FIRP: which nodes spawn pseudo rows: all, top, top:M"
+        "--tree-budget",
+        type=int,
+        default=None,
+        help="draft tree nodes, root included (default: 4 on a CPU, 10 on a GPU)",
+    )
+    p.add_argument(
+        "--pseudo-policy",
+        default=None,
+        help="FIRP: which nodes spawn pseudo rows: all, top, top:M (default: top:1 on a CPU, all on a GPU)",
     )
 
 

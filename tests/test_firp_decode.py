@@ -176,13 +176,14 @@ def oracle(monkeypatch):
 def test_greedy_equals_ar(llm, head, oracle):
     ps = prompts(20, llm.config.vocab_size, seed=2)
     ar = llm.generate([""] * len(ps), prompt_ids=ps, max_new_tokens=128)
+    tree = {"tree_budget": 10, "pseudo_policy": "all"}  # every node spawns: the widest code path
     decode.step_stats.reset()
-    firp = llm.generate([""] * len(ps), prompt_ids=ps, method="firp", head=head, max_new_tokens=128)
+    firp = llm.generate([""] * len(ps), prompt_ids=ps, method="firp", head=head, max_new_tokens=128, **tree)
     random_tau = decode.step_stats.mean_accepted
     refs = {tuple(p): p + r.new_ids for p, r in zip(ps, ar, strict=True)}
     decode.step_stats.reset()
     orc = llm.generate(
-        [""] * len(ps), prompt_ids=ps, method="oracle", head=head, oracle_ref=refs, max_new_tokens=128
+        [""] * len(ps), prompt_ids=ps, method="oracle", head=head, oracle_ref=refs, max_new_tokens=128, **tree
     )
     oracle_tau = decode.step_stats.mean_accepted
     for p, a, f, o in zip(ps, ar, firp, orc, strict=True):
@@ -195,7 +196,10 @@ def test_greedy_equals_ar(llm, head, oracle):
     assert decode.step_stats.hist.get(4, 0) > 0  # full-depth paths (3 drafts + bonus) happened
 
 
-@pytest.mark.parametrize("opts", [{"pseudo_policy": "top:2"}, {"tree_budget": 1}, {"tree_budget": 25}])
+@pytest.mark.parametrize(
+    "opts",
+    [{"pseudo_policy": "top:2"}, {"tree_budget": 1}, {"tree_budget": 25}, {}],  # {}: the default tree
+)
 def test_greedy_equals_ar_other_trees(llm, head, oracle, opts):
     ps = prompts(3, llm.config.vocab_size, seed=3)
     ar = llm.generate([""] * 3, prompt_ids=ps, max_new_tokens=48)

@@ -58,9 +58,9 @@ def test_greedy_equals_ar(llm):
     ps = prompts(20, llm.config.vocab_size, seed=2)
     head = random_head(llm)
     ar = llm.generate([""] * len(ps), prompt_ids=ps, max_new_tokens=128)
-    dec = M.MedusaDecoder(llm, SamplingParams(), head=head)
+    dec = M.MedusaDecoder(llm, SamplingParams(), head=head, tree_budget=10)
     refs = {tuple(p): p + r.new_ids for p, r in zip(ps, ar, strict=True)}
-    orc = OracleMedusa(llm, SamplingParams(), head=head, oracle_ref=refs)
+    orc = OracleMedusa(llm, SamplingParams(), head=head, oracle_ref=refs, tree_budget=10)
     outs = [llm._run(d, [("", p) for p in ps], SamplingParams(), 128, []) for d in (dec, orc)]
     for p, a, m, o in zip(ps, ar, *outs, strict=True):
         assert m.new_tokens == o.new_tokens == 128

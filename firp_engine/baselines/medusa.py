@@ -34,7 +34,7 @@ from firp_engine.errors import FirpError
 from firp_engine.firp import train as T
 from firp_engine.firp.decode import FirpDecoder, StepStats
 from firp_engine.firp.head import read_head_files, resolve_head
-from firp_engine.firp.tree import Tree, default_acc
+from firp_engine.firp.tree import Tree, default_acc, default_tree
 from firp_engine.firp.verify import greedy_walk, sample_walk
 from firp_engine.generate import State, prefill
 from firp_engine.model import Batch, SeqRows, Transformer
@@ -102,7 +102,7 @@ class MedusaDecoder:
         llm,
         params: SamplingParams,
         head: MedusaHead | str | Path | None = None,
-        tree_budget: int = 10,
+        tree_budget: int | None = None,
         acc: list[list[float]] | None = None,
         **_: object,
     ) -> None:
@@ -118,7 +118,7 @@ class MedusaDecoder:
         self.k = h.k
         acc = [list(r) for r in (acc or h.meta.get("acc") or default_acc(self.k))][: self.k]
         self.width = min(max(len(r) for r in acc), cfg.vocab_size)
-        built = Tree.build(acc, tree_budget, len(acc))
+        built = Tree.build(acc, tree_budget or default_tree(llm.backend)[0], len(acc))
         self.tree = Tree(built.nodes, 0, list(range(built.n)))  # k = 0: no pseudo rows
         self.root_tree = Tree.chain(0, 0)
         shape = (cfg.n_layers, self.tree.n, cfg.n_kv_heads, cfg.head_dim)

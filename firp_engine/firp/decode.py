@@ -22,7 +22,7 @@ import torch
 
 from firp_engine.errors import FirpError
 from firp_engine.firp.head import FirpHead, resolve_head
-from firp_engine.firp.tree import Tree, default_acc
+from firp_engine.firp.tree import Tree, default_acc, default_tree
 from firp_engine.firp.verify import greedy_walk, sample_walk
 from firp_engine.generate import State, prefill
 from firp_engine.model import Batch, SeqRows
@@ -91,8 +91,8 @@ class FirpDecoder:
         llm,
         params: SamplingParams,
         head: FirpHead | str | Path | None = None,
-        tree_budget: int = 10,
-        pseudo_policy: str = "all",
+        tree_budget: int | None = None,
+        pseudo_policy: str | None = None,
         acc: list[list[float]] | None = None,
         **_: object,
     ) -> None:
@@ -110,7 +110,9 @@ class FirpDecoder:
         # A private copy in the run's dtype, so the projection does not cast weights every step.
         self.head = copy.deepcopy(h).to(self.model.dtype).requires_grad_(False)
         self.layer, self.k = h.layer, h.k
-        policy, top = parse_policy(pseudo_policy)
+        budget, default_policy = default_tree(llm.backend)
+        tree_budget = tree_budget or budget
+        policy, top = parse_policy(pseudo_policy or default_policy)
         acc = [list(r) for r in (acc or h.meta.get("acc") or default_acc(self.k))][: self.k]
         self.width = min(max(len(r) for r in acc), cfg.vocab_size)  # candidates kept per offset
         self.tree = Tree.build(acc, tree_budget, self.k, policy, top)

@@ -41,6 +41,22 @@ DEFAULT_ACC: list[list[float]] = [
 POLICIES = ("all", "top")
 
 
+def default_tree(backend: str) -> tuple[int, str]:
+    """(node budget, pseudo-row policy) when the user gives none, chosen by measurement.
+
+    On a CPU every extra row costs compute (the 2-core AVX2 machine is compute-bound from
+    about 3 rows per matmul): a 4-node tree whose root alone spawns pseudo rows was the
+    fastest configuration on Spec-Bench there (benchmarks/RESULTS.md, "Tree configurations").
+    On a GPU a forward is memory-bound up to dozens of rows, so a wider tree costs about the
+    same as one row; 10 nodes, all spawning, is the default there (not yet measured on one).
+    """
+    import torch
+
+    if backend in ("cuda", "triton") and torch.cuda.is_available():
+        return 10, "all"
+    return 4, "top:1"
+
+
 def default_acc(k: int) -> list[list[float]]:
     """DEFAULT_ACC cut or extended (by repeating its last offset) to k offsets."""
     return [list(DEFAULT_ACC[min(i, len(DEFAULT_ACC) - 1)]) for i in range(k)]
