@@ -148,7 +148,7 @@ class OracleDecoder(FirpDecoder):
         self.ref = oracle_ref  # tuple(prompt) -> prompt + reference continuation
         self.calls = 0
 
-    def draft(self, st, h, tree, node, new):
+    def draft(self, st, h, logits, tree, node, new):
         self.calls += 1
         full = self.ref[tuple(st.tokens[: st.n_prompt])]
         root = len(st.tokens) + len(new) - 1  # index of the next tree's root in `full`

@@ -160,35 +160,42 @@ class FirpDecoder:
         tree, cands = st.extra["tree"], st.extra["cands"]
         tokens = tree.node_tokens(st.tokens[-1], cands)
         h = self.forward_tree(st, tree, tokens)
-        logits = self.model.logits(h[: tree.n])  # tree rows only; draft() decodes the pseudo rows it needs
+        # Tree rows only, and draft() decodes the pseudo rows it needs; but when one group of
+        # pseudo rows exists (root-only trees) one LM-head pass over all rows is cheaper than two.
+        logits = self.model.logits(h if tree.n_rows - tree.n <= self.k else h[: tree.n])
         tok_list = tokens.tolist()
         max_drafts = max(0, self.max_context - len(st.tokens) - 1)  # never step past the context
         if self.params.greedy:
-            path, bonus = greedy_walk(tree, tok_list, logits.argmax(-1).tolist(), max_drafts)
+            path, bonus = greedy_walk(tree, tok_list, logits[: tree.n].argmax(-1).tolist(), max_drafts)
         else:
-            path, bonus = sample_walk(tree, tok_list, logits, self.params, st.gen, max_drafts)
+            path, bonus = sample_walk(tree, tok_list, logits[: tree.n], self.params, st.gen, max_drafts)
         new = [tok_list[j] for j in path[1:]] + [bonus]
         if count:
             hit = self._hits(cands, new) if st.extra["own"] else []
             self.stats.add(len(new), hit)
             step_stats.add(len(new), hit)
-        st.extra["tree"], st.extra["cands"] = self.draft(st, h, tree, path[-1], new)
+        st.extra["tree"], st.extra["cands"] = self.draft(st, h, logits, tree, path[-1], new)
         st.extra["own"] = st.extra["tree"] is self.tree
         st.seq.commit(self.scratch[0], self.scratch[1], path)
         return new
 
     def draft(
-        self, st: State, h: torch.Tensor, tree: Tree, node: int, new: list[int]
+        self, st: State, h: torch.Tensor, logits: torch.Tensor, tree: Tree, node: int, new: list[int]
     ) -> tuple[Tree, torch.Tensor]:
         """The next tree and its candidates int64 [depth, R] (row d-1: depth d), from the
-        pseudo rows of `node` or, if it spawned none, of its deepest spawning ancestor."""
+        pseudo rows of `node` or, if it spawned none, of its deepest spawning ancestor.
+        h: the step's final rows; logits: the LM head on its first rows (maybe all of them);
+        st and new (this step's tokens) are for subclasses that draft from the request."""
         group, delta = tree.source[node]
         rows = tree.pseudo_rows(group)[delta:]
         nxt = self.tree if delta == 0 else self.fallback[delta]
         if not rows:
             return nxt, torch.empty(0, self.width, dtype=torch.int64)
-        # Only these k - delta pseudo rows go through the LM head (V x d each), not all of them.
-        return nxt, torch.topk(self.model.logits(h[rows.start : rows.stop]), self.width, dim=-1).indices
+        if rows.stop <= logits.shape[0]:
+            rl = logits[rows.start : rows.stop]
+        else:  # only these k - delta pseudo rows go through the LM head (V x d each), not all
+            rl = self.model.logits(h[rows.start : rows.stop])
+        return nxt, torch.topk(rl, self.width, dim=-1).indices
 
     @staticmethod
     def _hits(cands: torch.Tensor, new: list[int]) -> list[list[bool]]:
