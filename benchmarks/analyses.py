@@ -171,7 +171,10 @@ def acceptance_vs_budget(args, firp: FirpHead, medusa: MedusaHead, prompts: list
            "rows": []}  # fmt: skip
     for budget in args.budgets:
         for name, head in (("firp", firp), ("medusa", medusa)):
-            res = run(name, head=head, tree_budget=budget)
+            # FIRP: every node spawns pseudo rows, so the next tree always comes from the
+            # accepted node's own (tau at a node budget; the CPU default trades tau for cost)
+            policy = {"pseudo_policy": "all"} if name == "firp" else {}
+            res = run(name, head=head, tree_budget=budget, **policy)
             steps, toks = sum(r.steps for r in res), sum(r.new_tokens - 1 for r in res)
             acc = head.meta.get("acc")
             est = Tree.build(acc, budget, len(acc)).expected_accepted() if acc else None
