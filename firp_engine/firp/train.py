@@ -2,11 +2,8 @@
 
 One example is one sequence (a prompt and the model's own greedy reply). Per sequence:
 
-1. the context pass (no grad): the whole model over the sequence with a dense causal
-   attention, keeping the layer-l residual h at every position, the K/V (post-RoPE) of
-   every upper layer l..L-1 and the teacher's top-n logits (+ full log-sum-exp) at every
-   reply position. It costs more than the pseudo pass, so `ContextStore` can keep it on
-   disk: later epochs, other layers and other k reuse it;
+1. the context pass (no grad, `context.py`): the whole model over the sequence, keeping the
+   layer-l residual h, the upper layers' K/V and the teacher's top-n logits, cached on disk;
 2. the pseudo pass (grad into the head only): for a sample of positions p, the k rows
    W_i h[p] at RoPE positions p+i run through layers l..L-1. They attend to the cached
    context K/V of positions <= p (the context rows are not re-run: ~3x cheaper) and to
@@ -18,17 +15,15 @@ One example is one sequence (a prompt and the model's own greedy reply). Per seq
 Everything random is a function of (seed, epoch, sequence index), so a run resumed from
 a checkpoint (head, optimizer, step) continues exactly as an uninterrupted one would.
 
-    firp train-head --layer 20 --k 3 --samples 2000 --epochs 1 --out runs/h20k3
-    python -m firp_engine.firp.train --layer 20 --k 3 ...
+    firp train-head --layer 10 --k 3 --samples 600 --epochs 1 --out runs/h10k3
+    python -m firp_engine.firp.train --layer 10 --k 3 ...
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import os
 import random
 import shlex
 import sys
@@ -40,10 +35,13 @@ import torch
 
 from firp_engine import ops
 from firp_engine.errors import FirpError
+from firp_engine.firp.context import Context, ContextStore, Example, context_pass, expand_kv, run_context
 from firp_engine.firp.head import FirpHead
 from firp_engine.model import Transformer
 
-Example = tuple[list[int], list[int]]  # (prompt ids, reply ids)
+# Context, ContextStore, Example, context_pass and run_context live in context.py; they are
+# imported here because training, the Medusa baseline, tests and the analyses use them as T.*.
+__all__ = ["Context", "ContextStore", "Example", "context_pass", "run_context"]
 
 
 @dataclass
@@ -77,173 +75,6 @@ class TrainConfig:
         if len(w) != self.k:
             raise FirpError(f"--offset-weights needs {self.k} values, got {len(w)}")
         return torch.tensor(w, dtype=torch.float32)
-
-
-# ---------------------------------------------------------------- the context pass
-
-
-@dataclass
-class Context:
-    """What the no-grad pass keeps of one sequence of T tokens (teacher rows from row0 on)."""
-
-    length: int  # T
-    n_prompt: int
-    h: dict[int, torch.Tensor]  # layer l -> [T, d], the residual entering layer l
-    k: dict[int, torch.Tensor]  # layer i -> [T, Hkv, D] post-RoPE, for every i >= min(h)
-    v: dict[int, torch.Tensor]  # layer i -> [T, Hkv, D]
-    top_ids: torch.Tensor  # int64 [T - row0, n_top]: row j's teacher candidates for token j+1, best first
-    top_logits: torch.Tensor  # fp32 [T - row0, n_top]
-    lse: torch.Tensor  # fp32 [T - row0]: log-sum-exp of the teacher's full logits
-    row0: int
-
-    def covers(self, layers: list[int], n_top: int, row0: int) -> bool:
-        kv_from = min(layers)
-        return (
-            all(x in self.h for x in layers)
-            and min(self.k, default=kv_from + 1) <= kv_from
-            and self.top_ids.shape[1] >= n_top
-            and self.row0 <= row0
-        )
-
-    def to_disk(self) -> dict:
-        """K/V as fp16 (half the bytes; ~1e-3 relative error, far below what training resolves)."""
-        d = asdict(self)
-        d["k"] = {i: x.half() for i, x in self.k.items()}
-        d["v"] = {i: x.half() for i, x in self.v.items()}
-        d["top_ids"] = self.top_ids.int()
-        return d
-
-    @classmethod
-    def from_disk(cls, d: dict) -> Context:
-        d = dict(d)
-        d["top_ids"] = d["top_ids"].long()
-        return cls(**d)
-
-
-def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[S, Hkv, D] -> [S, H, D]; query head j reads KV head j // (H / Hkv), as in ops._attend."""
-    return x.repeat_interleave(n_heads // x.shape[1], dim=1)
-
-
-def run_context(
-    model: Transformer, ids: torch.Tensor, layers: list[int]
-) -> tuple[dict, dict, dict, torch.Tensor]:
-    """ids int64 [T] -> (h entering each of `layers`, K and V of every layer >= min(layers),
-    final hidden states [T, d]). Dense causal attention: ops' reference, as inference runs it."""
-    hs: dict[int, torch.Tensor] = {}
-    ks: dict[int, torch.Tensor] = {}
-    vs: dict[int, torch.Tensor] = {}
-    causal = torch.ones(ids.shape[0], ids.shape[0], dtype=torch.bool).tril()
-
-    def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q [T, H, D], k/v [T, Hkv, D]
-        if i >= min(layers):
-            ks[i], vs[i] = k.clone(), v.clone()
-        return ops._attend(q, k, v, causal, model.scale)
-
-    positions = torch.arange(ids.shape[0])
-    x = model.embed_tokens(ids)
-    for i in range(model.cfg.n_layers):
-        if i in layers:
-            hs[i] = x.clone()  # run_layer works in place without autograd
-        x = model.run_layer(i, x, positions, attend)
-    return hs, ks, vs, x
-
-
-@torch.no_grad()
-def context_pass(
-    model: Transformer,
-    example: Example,
-    layers: list[int],
-    n_top: int,
-    max_len: int,
-    with_prompt: bool = False,
-) -> Context:
-    """The no-grad pass over one sequence. The teacher's top-n is kept for reply rows only
-    (where targets live), or for every row `with_prompt`: the LM head is the dearest part."""
-    prompt, reply = example
-    ids = torch.tensor((list(prompt) + list(reply))[:max_len], dtype=torch.int64)
-    t, n_prompt = ids.shape[0], min(len(prompt), ids.shape[0])
-    hs, ks, vs, h_final = run_context(model, ids, layers)
-    row0 = 0 if with_prompt else n_prompt
-    top_ids, top_logits, lse = (
-        [torch.zeros(0, n_top, dtype=torch.int64)],
-        [torch.zeros(0, n_top)],
-        [torch.zeros(0)],
-    )
-    for a in range(row0, t, 256):
-        logits = model.logits(h_final[a : a + 256])  # [<=256, V] fp32
-        top = logits.topk(n_top, dim=-1)
-        top_ids.append(top.indices)
-        top_logits.append(top.values)
-        lse.append(logits.logsumexp(-1))
-    return Context(t, n_prompt, hs, ks, vs, torch.cat(top_ids), torch.cat(top_logits), torch.cat(lse), row0)
-
-
-class ContextStore:
-    """Context passes, optionally cached on disk per sequence: one pass serves every epoch,
-    every layer of a sweep (when `layers` lists them all) and every k."""
-
-    def __init__(
-        self,
-        model: Transformer,
-        layers: list[int],
-        n_top: int,
-        max_len: int,
-        with_prompt: bool = False,
-        cache_dir: str | Path | None = None,
-        key: str = "",
-    ) -> None:
-        self.model, self.layers, self.n_top, self.max_len = model, sorted(set(layers)), n_top, max_len
-        self.with_prompt = with_prompt
-        self.dir = Path(cache_dir) if cache_dir else None
-        self.key = key  # the model's fingerprint: a cache never serves another model
-        self.computed = self.loaded = 0
-        self.cpu_s = self.wall_s = 0.0  # spent computing passes
-
-    def _path(self, example: Example) -> Path:
-        h = hashlib.sha1(f"{self.key}:{self.max_len}:".encode())
-        h.update(json.dumps([list(example[0]), list(example[1])]).encode())
-        return self.dir / f"{h.hexdigest()[:20]}.pt"
-
-    def get(self, example: Example, layers: list[int] | None = None) -> Context:
-        need = layers or self.layers
-        row0 = 0 if self.with_prompt else min(len(example[0]), self.max_len)
-        path = self._path(example) if self.dir else None
-        if path is not None and path.is_file():
-            try:
-                ctx = Context.from_disk(torch.load(path, weights_only=True))
-                if ctx.covers(need, self.n_top, row0):
-                    self.loaded += 1
-                    return ctx
-            except (RuntimeError, OSError, TypeError, KeyError, EOFError):
-                pass  # unreadable or old format: recompute
-        c0, w0 = time.process_time(), time.monotonic()
-        ctx = context_pass(
-            self.model,
-            example,
-            sorted(set(need) | set(self.layers)),
-            self.n_top,
-            self.max_len,
-            self.with_prompt,
-        )
-        self.cpu_s += time.process_time() - c0
-        self.wall_s += time.monotonic() - w0
-        self.computed += 1
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(ctx.to_disk(), tmp)
-            tmp.replace(path)
-        return ctx
-
-    def stats(self) -> dict:
-        return {
-            "computed": self.computed,
-            "loaded": self.loaded,
-            "cpu_s": round(self.cpu_s, 1),
-            "wall_s": round(self.wall_s, 1),
-        }
 
 
 # ---------------------------------------------------------------- the pseudo pass
@@ -286,10 +117,10 @@ def group_attend(model: Transformer, segs: list[tuple[Context, torch.Tensor]], k
             g = pos.shape[0]
             t = int(pos.max()) + 1  # keys past the last p are masked for every group
             qs = q[row : row + g * k].float().view(g, k, n_heads, hd)
-            kc = _expand_kv(ctx.k[i][:t], n_heads).float()  # [t, H, D]
-            vc = _expand_kv(ctx.v[i][:t], n_heads).float()
-            kg = _expand_kv(kn[row : row + g * k], n_heads).float().view(g, k, n_heads, hd)
-            vg = _expand_kv(vn[row : row + g * k], n_heads).float().view(g, k, n_heads, hd)
+            kc = expand_kv(ctx.k[i][:t], n_heads).float()  # [t, H, D]
+            vc = expand_kv(ctx.v[i][:t], n_heads).float()
+            kg = expand_kv(kn[row : row + g * k], n_heads).float().view(g, k, n_heads, hd)
+            vg = expand_kv(vn[row : row + g * k], n_heads).float().view(g, k, n_heads, hd)
             s_ctx = torch.einsum("gihd,thd->ghit", qs, kc) * model.scale
             s_ctx = s_ctx.masked_fill((torch.arange(t) > pos[:, None]).view(g, 1, 1, t), float("-inf"))
             s_own = torch.einsum("gihd,gjhd->ghij", qs, kg) * model.scale
