@@ -294,8 +294,9 @@ class _Run:
                         finish[i] = self._finished(st)
                         yield i, st.tokens[st.n_prompt :]
                         live.append(i)
-                    new = dec.step([states[i] for i in live if finish[i] is None]) if live else []
-                    for i, toks in zip([i for i in live if finish[i] is None], new):
+                    running = [i for i in live if finish[i] is None]
+                    new = dec.step([states[i] for i in running]) if running else []
+                    for i, toks in zip(running, new):
                         steps[i] += 1
                         st = states[i]
                         before = len(st.tokens)

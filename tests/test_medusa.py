@@ -131,11 +131,15 @@ def examples(n: int, vocab: int, seed: int = 0):
     return [(rnd(6), rnd(24)) for _ in range(n)]
 
 
+def tiny_cfg(**kw) -> T.TrainConfig:
+    return T.TrainConfig(layer=2, k=3, lr=3e-2, batch_positions=16, positions_per_seq=8, n_top=16,
+                         warmup=2, seed=3, **kw)  # fmt: skip
+
+
 def test_training_lowers_the_loss(llm):
     torch.set_num_threads(1)
     model = llm.model
-    cfg = T.TrainConfig(layer=2, k=3, lr=3e-2, batch_positions=16, positions_per_seq=8, n_top=16,
-                        warmup=2, seed=3, epochs=7, max_steps=40, ckpt_every=0)  # fmt: skip
+    cfg = tiny_cfg(epochs=7, max_steps=40, ckpt_every=0)
     data = examples(12, llm.config.vocab_size)
     store = T.ContextStore(model, [cfg.layer], cfg.n_top, cfg.max_len)
     held = data[:4]  # random tokens: only what was trained on can improve
@@ -174,8 +178,7 @@ def test_final_states_match_the_model(llm):
 def test_resume_matches_one_run(llm, tmp_path):
     torch.set_num_threads(1)
     model = llm.model
-    cfg = T.TrainConfig(layer=2, k=3, lr=3e-2, batch_positions=16, positions_per_seq=8, n_top=16,
-                        warmup=2, seed=3, epochs=3, max_steps=10, ckpt_every=4)  # fmt: skip
+    cfg = tiny_cfg(epochs=3, max_steps=10, ckpt_every=4)
     data = examples(8, llm.config.vocab_size)
     store = T.ContextStore(model, [cfg.layer], cfg.n_top, cfg.max_len)
     whole, _ = M.train_medusa(model, data, cfg, store, ckpt_path=tmp_path / "a.pt")

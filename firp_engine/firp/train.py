@@ -35,13 +35,18 @@ import torch
 
 from firp_engine import ops
 from firp_engine.errors import FirpError
-from firp_engine.firp.context import Context, ContextStore, Example, context_pass, expand_kv, run_context
+
+# context_pass and run_context are re-exported: Medusa, the analyses and tests use them as T.*
+from firp_engine.firp.context import (  # noqa: F401
+    Context,
+    ContextStore,
+    Example,
+    context_pass,
+    expand_kv,
+    run_context,
+)
 from firp_engine.firp.head import FirpHead
 from firp_engine.model import Transformer
-
-# Context, ContextStore, Example, context_pass and run_context live in context.py; they are
-# imported here because training, the Medusa baseline, tests and the analyses use them as T.*.
-__all__ = ["Context", "ContextStore", "Example", "context_pass", "run_context"]
 
 
 @dataclass
