@@ -39,7 +39,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from firp_engine import ops  # noqa: E402
 from firp_engine.baselines.medusa import MedusaHead, head_logits, rank_metrics  # noqa: E402
 from firp_engine.firp import data  # noqa: E402
 from firp_engine.firp import train as T  # noqa: E402
@@ -102,7 +101,7 @@ def sequence_stats(model: Transformer, firp: FirpHead, medusa: MedusaHead, ex: T
             x = model.run_layer(j, x.clone(), fut, attend)
     firp_rank = decode_ranks(model, x, want).view(-1, k)
     # Medusa heads on the final normed state of p
-    hn = ops.call("rms_norm", x_final[pos], model.norm, model.cfg.rms_eps)
+    hn = model.final_norm(x_final[pos])
     med_logits = head_logits(model, medusa.to(model.dtype), hn)  # [G, k, V]
     med_rank = ranks_of(med_logits.reshape(-1, med_logits.shape[-1]), want).view(-1, k)
     # early exit: the layer-l residual at p+i (i = 0..k) decoded by final norm + LM head

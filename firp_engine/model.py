@@ -196,6 +196,10 @@ class Transformer:
             h = self.run_layer(i, h, batch.positions, attend)
         return h
 
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's last RMSNorm: h [T, d] -> [T, d] (what the LM head reads)."""
+        return ops.call("rms_norm", h, self.norm, self.cfg.rms_eps)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: h [T, d] -> fp32 logits [T, V]."""
-        return self.lm_head(ops.call("rms_norm", h, self.norm, self.cfg.rms_eps)).float()
+        return self.lm_head(self.final_norm(h)).float()

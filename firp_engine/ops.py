@@ -171,7 +171,7 @@ def gather_pages(cache: torch.Tensor, page_table: torch.Tensor, length: int) -> 
     return blocks.reshape(-1, *cache.shape[2:])[:length]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, scale: float):
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, scale: float):
     """q [T, H, D], k/v [S, Hkv, D], allowed bool [T, S] or None -> [T, H, D] (fp32 math)."""
     h, hk = q.shape[1], k.shape[1]
     kf = k.float().repeat_interleave(h // hk, dim=1)
@@ -201,7 +201,7 @@ def paged_decode_attention(
         n = int(context_lens[b])
         k = gather_pages(k_cache, page_tables[b], n)
         v = gather_pages(v_cache, page_tables[b], n)
-        res[b] = _attend(q[b : b + 1], k, v, None, scale)[0]
+        res[b] = attend(q[b : b + 1], k, v, None, scale)[0]
     return res
 
 
@@ -250,7 +250,7 @@ def tree_attention(
         ],
         dim=1,
     )
-    return _out(out, _attend(q, k, v, allowed, scale))
+    return _out(out, attend(q, k, v, allowed, scale))
 
 
 @register("firp_project", "torch")

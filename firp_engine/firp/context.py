@@ -63,7 +63,7 @@ class Context:
 
 
 def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[S, Hkv, D] -> [S, H, D]; query head j reads KV head j // (H / Hkv), as in ops._attend."""
+    """[S, Hkv, D] -> [S, H, D]; query head j reads KV head j // (H / Hkv), as in ops.attend."""
     return x.repeat_interleave(n_heads // x.shape[1], dim=1)
 
 
@@ -81,7 +81,7 @@ def run_context(
         # q [T, H, D], k/v [T, Hkv, D]
         if i >= min(layers):
             ks[i], vs[i] = k.clone(), v.clone()
-        return ops._attend(q, k, v, causal, model.scale)
+        return ops.attend(q, k, v, causal, model.scale)
 
     positions = torch.arange(ids.shape[0])
     x = model.embed_tokens(ids)

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-from firp_engine import ops
 from firp_engine.errors import FirpError
 
 # context_pass and run_context are re-exported: Medusa, the analyses and tests use them as T.*
@@ -190,7 +189,7 @@ def kl_to_teacher(
     LM head with gradients (~+50% on a pseudo pass at l=20).
     'top': both sides renormalised over the teacher's top-n (n LM-head rows per pseudo row,
     nearly free), blind to student mass outside them; hit = argmax among the n ids."""
-    x = ops.call("rms_norm", h, model.norm, model.cfg.rms_eps).float()
+    x = model.final_norm(h).float()
     w = model.lm_head.weight
     if loss == "top":
         s_top = torch.einsum("nd,nvd->nv", x, w[t_ids].float())  # [N, n]
@@ -549,7 +548,7 @@ def precompute(
 def trainer(kind: str):
     """(train, validate) for a head kind; both take the same arguments."""
     if kind == "medusa":
-        from firp_engine.baselines import medusa
+        from firp_engine.baselines import medusa_train as medusa
 
         return medusa.train_medusa, medusa.validate_medusa
     if kind != "firp":
