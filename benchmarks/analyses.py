@@ -21,7 +21,7 @@ Writes benchmarks/results/analyses.json and analyses_*.png:
    yardstick for the cosines, the cosine between the true states at p and p+i.
 3. mean accepted tokens per step (bonus included) vs tree node budget, FIRP and Medusa:
    measured by greedy decoding of held-out prompts with the decoders (and checked equal to
-   plain greedy), next to the value the acc tables predict (Tree.expected_accepted).
+   plain greedy), next to the value the acc tables predict (DraftTree.expected_accepted).
 4. the l x k sweep of benchmarks/results/sweep.json (benchmarks/sweep_layers.py), if present.
 """
 
@@ -43,7 +43,7 @@ from firp_engine.baselines.medusa import MedusaHead, head_logits, rank_metrics  
 from firp_engine.firp import data  # noqa: E402
 from firp_engine.firp import train as T  # noqa: E402
 from firp_engine.firp.head import FirpHead, shipped_head  # noqa: E402
-from firp_engine.firp.tree import Tree  # noqa: E402
+from firp_engine.spec.tree import DraftTree  # noqa: E402
 from firp_engine.model import Transformer  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -176,7 +176,7 @@ def acceptance_vs_budget(args, firp: FirpHead, medusa: MedusaHead, prompts: list
             res = run(name, head=head, tree_budget=budget, **policy)
             steps, toks = sum(r.steps for r in res), sum(r.new_tokens - 1 for r in res)
             acc = head.meta.get("acc")
-            est = Tree.build(acc, budget, len(acc)).expected_accepted() if acc else None
+            est = DraftTree.build(acc, budget).expected_accepted() if acc else None
             row = {
                 "method": name,
                 "budget": budget,

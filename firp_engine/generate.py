@@ -1,13 +1,15 @@
 """The generate API: `LLM` loads a model once and runs requests with a decoding method.
 
-A method (plain `ar` here; `firp`, `pld`, `medusa` in their modules) implements
-`prefill(state)` and `step(states)`; the driver here owns everything around them:
-chat templates, KV sequences, stop conditions, timing, streaming text.
+A decoder implements `prefill(state)` and `step(states)`: plain `ar` here, batched over
+requests, or `spec.step.SpecDecoder` with a drafter (`firp`, `pld`, `medusa`) for
+speculative decoding. The driver here owns everything around them: chat templates, KV
+sequences, request admission, stop conditions, timing, streaming text.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -22,12 +24,13 @@ from firp_engine.loading import load
 from firp_engine.model import Batch, SeqRows, Transformer
 from firp_engine.sampling import SamplingParams, sample
 
-# method name -> "module:Class" (imported on first use)
+# method name -> "module:Class" (imported on first use): plain decoding, or a drafter that
+# the speculative step (spec/step.py) verifies.
 METHODS = {
     "ar": "firp_engine.generate:ARDecoder",
-    "firp": "firp_engine.firp.decode:FirpDecoder",
-    "pld": "firp_engine.baselines.pld:PLDDecoder",
-    "medusa": "firp_engine.baselines.medusa:MedusaDecoder",
+    "firp": "firp_engine.firp.drafter:FirpDrafter",
+    "pld": "firp_engine.baselines.pld:PLDDrafter",
+    "medusa": "firp_engine.baselines.medusa:MedusaDrafter",
 }
 
 
@@ -39,7 +42,8 @@ class State:
     tokens: list[int]  # prompt + accepted tokens; the last one is not in the cache yet
     n_prompt: int
     gen: torch.Generator | None = None
-    extra: dict = field(default_factory=dict)  # the method's own per-request state
+    extra: dict = field(default_factory=dict)  # the decoder's own per-request state
+    hist: dict[int, int] = field(default_factory=dict)  # tokens per step -> steps
 
 
 @dataclass
@@ -56,6 +60,7 @@ class GenerationResult:
     decode_s: float
     tokens_per_s: float
     finish_reason: str
+    accepted_hist: dict[int, int] = field(default_factory=dict)  # tokens per step -> steps
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -83,8 +88,9 @@ class ARDecoder:
     """Plain autoregressive decoding, batched over requests."""
 
     batched = True
+    overshoot = 1  # most tokens one step commits
 
-    def __init__(self, llm: LLM, params: SamplingParams, **_: object) -> None:
+    def __init__(self, llm: LLM, params: SamplingParams) -> None:
         self.model = llm.model
         self.params = params
         self.chunk = llm.prefill_chunk
@@ -96,13 +102,14 @@ class ARDecoder:
     def step(self, states: list[State]) -> list[list[int]]:
         for st in states:
             st.seq.reserve(st.seq.length + 1)
+        dev = self.model.device
         batch = Batch(
-            positions=torch.tensor([st.seq.length for st in states]),
+            positions=torch.tensor([st.seq.length for st in states], device=dev),
             seqs=[SeqRows(st.seq, b, b + 1) for b, st in enumerate(states)],
             kind="decode",
             slots=torch.cat([st.seq.slots(st.seq.length, 1) for st in states]),
         )
-        ids = torch.tensor([st.tokens[-1] for st in states])
+        ids = torch.tensor([st.tokens[-1] for st in states], device=dev)
         logits = self.model.logits(self.model.forward(batch, self.model.embed_tokens(ids)))
         for st in states:
             st.seq.length += 1
@@ -116,6 +123,19 @@ def method_class(name: str):
         raise FirpError(f"unknown method '{name}' (choose from {', '.join(METHODS)})")
     module, cls = METHODS[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def check_options(name: str, cls, opts: dict) -> None:
+    """Refuse an option the method does not take, in one line (not a TypeError deep inside)."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return  # a subclass passing options on: its base checks them
+    takes = set(params) - {"self", "llm", "params"}
+    bad = sorted(set(opts) - takes)
+    if bad:
+        allowed = ", ".join(sorted(takes)) or "none"
+        names = ", ".join(map(repr, bad))
+        raise FirpError(f"method '{name}' takes no option {names} (its options: {allowed})")
 
 
 class LLM:
@@ -170,8 +190,14 @@ class LLM:
         return ids
 
     def decoder(self, method: str, params: SamplingParams, **opts):
+        """ar's decoder, or the speculative step around the method's drafter."""
         cls = method_class(method)
-        return cls(self, params, **opts)
+        check_options(method, cls, opts)
+        if cls is ARDecoder:
+            return ARDecoder(self, params)
+        from firp_engine.spec.step import SpecDecoder
+
+        return SpecDecoder(self, params, cls(self, **opts))
 
     # ------------------------------------------------------------ generation
 
@@ -199,14 +225,10 @@ class LLM:
             prompt_ids = [self.check_length(list(p)) for p in prompt_ids]
         params = SamplingParams(temperature, top_k, top_p, seed)
         dec = self.decoder(method, params, **method_opts)
-        groups = [list(range(len(prompts)))] if dec.batched else [[i] for i in range(len(prompts))]
-        results: list[GenerationResult | None] = [None] * len(prompts)
-        for group in groups:
-            reqs = [(prompts[i], prompt_ids[i]) for i in group]
-            for j, res in zip(group, self._run(dec, reqs, params, max_new_tokens, stop or [])):
-                res.id = ids[j] if ids else j
-                results[j] = res
-        return results  # type: ignore[return-value]
+        results = self._run(dec, list(zip(prompts, prompt_ids)), params, max_new_tokens, stop or [])
+        for j, res in enumerate(results):
+            res.id = ids[j] if ids else j
+        return results
 
     def stream(self, prompt: str, method: str = "ar", chat: bool = True, **kw) -> Iterator[str]:
         """Yield text pieces as they are decoded (never splitting a UTF-8 character)."""
@@ -254,10 +276,8 @@ class _Run:
     def blocks_needed(self, n_prompt: int) -> int:
         """KV blocks a request may hold at most: prompt, new tokens and one step's overshoot
         (a speculative step can commit a few tokens past max_new), within the context."""
-        # A speculative step commits at most its scratch rows (tree nodes); plain decoding one.
-        slack = self.dec.scratch[0].shape[1] if hasattr(self.dec, "scratch") else 1
         bs = self.llm.cache.block_size
-        return -(-min(n_prompt + self.max_new + slack, self.llm.max_context) // bs)
+        return -(-min(n_prompt + self.max_new + self.dec.overshoot, self.llm.max_context) // bs)
 
     def events(self) -> Iterator[tuple[int, list[int]]]:
         """Yield (request index, tokens accepted) as decoding goes; results land in self.out.
@@ -285,10 +305,10 @@ class _Run:
                         i = queue.popleft()
                         budget -= need[i]
                         t = time.perf_counter()
-                        gen = None if self.params.greedy else self.params.generator()
+                        gen = None if self.params.greedy else self.params.generator(i)
                         ids = list(self.reqs[i][1])
                         st = states[i] = State(llm.cache.new_sequence(), ids, len(ids), gen)
-                        st.tokens += dec.prefill(st)[:1]
+                        st.tokens += dec.prefill(st)  # a drafter's first step may accept drafts
                         began[i] = time.perf_counter()
                         pre_s[i] = began[i] - t
                         finish[i] = self._finished(st)
@@ -299,6 +319,7 @@ class _Run:
                     for i, toks in zip(running, new):
                         steps[i] += 1
                         st = states[i]
+                        st.hist[len(toks)] = st.hist.get(len(toks), 0) + 1
                         before = len(st.tokens)
                         st.tokens += toks
                         finish[i] = self._finished(st)
@@ -353,4 +374,5 @@ class _Run:
             decode_s=dec_s,
             tokens_per_s=len(new) / dec_s if dec_s > 0 else 0.0,
             finish_reason=reason,
+            accepted_hist=dict(sorted(st.hist.items())),
         )

@@ -28,9 +28,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def generator(self) -> torch.Generator:
+    def generator(self, request: int = 0) -> torch.Generator:
+        """Request `request`'s own random stream: seeded with seed + request, so a request
+        samples the same tokens inside a batch as alone with that seed (no seed: fresh)."""
         g = torch.Generator()
-        g.manual_seed(self.seed if self.seed is not None else torch.seed())
+        g.manual_seed(self.seed + request if self.seed is not None else torch.seed())
         return g
 
 

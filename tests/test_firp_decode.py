@@ -1,88 +1,36 @@
-"""FIRP decoding on tiny random models: lossless greedy, exact tree attention, exact commits,
-head checks, and a chi-square test that tree rejection sampling keeps the model's distribution."""
+"""FIRP drafting through the speculative step on tiny random models: lossless greedy (torch
+and cpu backends), exact tree attention, exact commits, head checks, and a chi-square test
+that tree rejection sampling keeps the model's distribution."""
 
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from spec_helpers import (
+    BACKENDS,
+    assert_same_or_near_tie,
+    chi2_pvalue,
+    dense_logits,
+    make_llm,
+    prompts,
+    random_head,
+    tiny_checkpoint,
+)
 
 from firp_engine import generate
-from firp_engine.config import ModelConfig
 from firp_engine.errors import FirpError
-from firp_engine.firp import decode, verify
-from firp_engine.firp.decode import FirpDecoder
+from firp_engine.firp.drafter import FirpDrafter
 from firp_engine.firp.head import FirpHead
-from firp_engine.generate import LLM, State, prefill
-from firp_engine.loading import Checkpoint
+from firp_engine.generate import State, prefill
 from firp_engine.model import Batch, SeqRows
 from firp_engine.sampling import SamplingParams, probs
-
-# ---------------------------------------------------------------- tiny models
-
-
-class StubTokenizer:
-    eos_ids: list[int] = []  # no EOS: every run goes to max_new_tokens
-    chat_template = None
-
-    def __init__(self, vocab: int) -> None:
-        self.vocab = vocab
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) % self.vocab for c in text]
-
-    def decode(self, ids, skip_special: bool = False) -> str:
-        return " ".join(map(str, ids))
+from firp_engine.spec import verify
+from firp_engine.spec.step import Draft, SpecDecoder
 
 
-def tiny_checkpoint(vocab: int, n_layers: int, d: int, seed: int, head_scale: float) -> Checkpoint:
-    g = torch.Generator().manual_seed(seed)
-    cfg = ModelConfig(
-        vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, n_layers=n_layers,
-        n_heads=4, n_kv_heads=2, head_dim=d // 4, max_position=512,
-    )  # fmt: skip
-
-    def rnd(*shape, std=1.0):
-        return torch.randn(*shape, generator=g) * std
-
-    w = {
-        "model.embed_tokens.weight": rnd(vocab, d),
-        "model.norm.weight": 1 + 0.1 * rnd(d),
-        "lm_head.weight": rnd(vocab, d, std=head_scale),
-    }
-    shapes = {
-        "self_attn.q_proj": (d, d), "self_attn.k_proj": (d // 2, d), "self_attn.v_proj": (d // 2, d),
-        "self_attn.o_proj": (d, d), "mlp.gate_proj": (2 * d, d), "mlp.up_proj": (2 * d, d),
-        "mlp.down_proj": (d, 2 * d),
-    }  # fmt: skip
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = 1 + 0.1 * rnd(d)
-        w[p + "post_attention_layernorm.weight"] = 1 + 0.1 * rnd(d)
-        for name, (n_out, n_in) in shapes.items():
-            w[p + name + ".weight"] = rnd(n_out, n_in, std=n_in**-0.5)
-    return Checkpoint(cfg, w, StubTokenizer(vocab), f"tiny-{seed}")
-
-
-def make_llm(ckpt: Checkpoint) -> LLM:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(generate, "load", lambda model: ckpt)
-        return LLM("tiny", backend="torch", max_context=512, kv_blocks=400)
-
-
-def random_head(llm: LLM, layer: int, k: int, seed: int, noise: float = 0.3) -> FirpHead:
-    d = llm.config.hidden_size
-    head = FirpHead(d, k, layer, {"fingerprint": llm.ckpt.fingerprint()})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        head.weight.add_(torch.randn(k, d, d, generator=g) * noise * d**-0.5)
-        head.bias.add_(torch.randn(k, d, generator=g) * noise)
-    return head
-
-
-@pytest.fixture(scope="module")
-def llm():
-    return make_llm(tiny_checkpoint(vocab=97, n_layers=4, d=64, seed=0, head_scale=0.5))
+@pytest.fixture(scope="module", params=BACKENDS)
+def llm(request):
+    return make_llm(tiny_checkpoint(vocab=97, n_layers=4, d=64, seed=0, head_scale=0.5), request.param)
 
 
 @pytest.fixture(scope="module")
@@ -90,68 +38,24 @@ def head(llm):
     return random_head(llm, layer=2, k=3, seed=1)
 
 
-def prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]  # fmt: skip
-
-
-# ---------------------------------------------------------------- a dense reference
-
-
-def causal_attend(i, q, k, v):
-    """Plain causal attention over the rows given: q [T, H, D], k/v [T, Hkv, D]."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    o = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True
-    )
-    return o.transpose(0, 1)
-
-
-@torch.no_grad()
-def dense_logits(model, ids: list[int], head: FirpHead | None = None) -> torch.Tensor:
-    """Logits of a plain causal forward of ids; with a head, the last row's k pseudo rows
-    join at head.layer as the next positions (what a pseudo group sees). [T (+k), V]."""
-    h = model.embed_tokens(torch.tensor(ids))
-    pos = torch.arange(len(ids))
-    lo = head.layer if head is not None else model.cfg.n_layers
-    for i in range(lo):
-        h = model.run_layer(i, h, pos, causal_attend)
-    if head is not None:
-        h = torch.cat([h, head(h[-1:])])
-        pos = torch.arange(len(ids) + head.k)
-        for i in range(lo, model.cfg.n_layers):
-            h = model.run_layer(i, h, pos, causal_attend)
-    return model.logits(h)
-
-
-def assert_same_or_near_tie(model, prompt: list[int], ours: list[int], ref: list[int]) -> None:
-    """Equal, or the first divergence is at a near-tie of the reference (top-2 gap < 1e-3)."""
-    div = next((i for i, (a, b) in enumerate(zip(ours, ref, strict=False)) if a != b), None)
-    if div is None:
-        assert len(ours) == len(ref)
-        return
-    top2 = torch.topk(dense_logits(model, prompt + ref[:div])[-1], 2).values
-    assert (top2[0] - top2[1]).item() < 1e-3, f"diverged at token {div} without a near-tie"
-
-
 # ---------------------------------------------------------------- an oracle drafter
 
 
-class OracleDecoder(FirpDecoder):
+class OracleDrafter(FirpDrafter):
     """Drafts the known greedy continuation (sometimes at rank 1, sometimes cut short) so
     that long accepted paths through several branches get exercised."""
 
-    def __init__(self, llm, params, oracle_ref=None, **kw):
-        super().__init__(llm, params, **kw)
+    def __init__(self, llm, oracle_ref=None, **kw):
+        super().__init__(llm, **kw)
         self.ref = oracle_ref  # tuple(prompt) -> prompt + reference continuation
         self.calls = 0
 
-    def draft(self, st, h, logits, tree, node, new):
+    def propose(self, st, last):
+        if last is None:
+            return super().propose(st, last)
         self.calls += 1
         full = self.ref[tuple(st.tokens[: st.n_prompt])]
-        root = len(st.tokens) + len(new) - 1  # index of the next tree's root in `full`
+        root = len(st.tokens) - 1  # index of the tree's root in `full`
         g = torch.Generator().manual_seed(self.calls)
         vocab = self.model.cfg.vocab_size
         cands = torch.stack([torch.randperm(vocab, generator=g)[: self.width] for _ in range(self.k)])
@@ -162,12 +66,17 @@ class OracleDecoder(FirpDecoder):
             row = cands[d - 1]
             row[row == full[root + d]] = row[rank].clone()  # keep the row's tokens distinct
             row[rank] = full[root + d]
-        return self.tree, cands
+        return self.draft(st, self.full, cands)
+
+
+def tau(results) -> float:
+    """Tokens per verification step (the prefill's first token is not a step's)."""
+    return sum(r.new_tokens - 1 for r in results) / sum(r.steps for r in results)
 
 
 @pytest.fixture()
 def oracle(monkeypatch):
-    monkeypatch.setitem(generate.METHODS, "oracle", f"{__name__}:OracleDecoder")
+    monkeypatch.setitem(generate.METHODS, "oracle", f"{__name__}:OracleDrafter")
 
 
 # ---------------------------------------------------------------- (a) lossless greedy
@@ -177,15 +86,13 @@ def test_greedy_equals_ar(llm, head, oracle):
     ps = prompts(20, llm.config.vocab_size, seed=2)
     ar = llm.generate([""] * len(ps), prompt_ids=ps, max_new_tokens=128)
     tree = {"tree_budget": 10, "pseudo_policy": "all"}  # every node spawns: the widest code path
-    decode.step_stats.reset()
     firp = llm.generate([""] * len(ps), prompt_ids=ps, method="firp", head=head, max_new_tokens=128, **tree)
-    random_tau = decode.step_stats.mean_accepted
+    random_tau = tau(firp)
     refs = {tuple(p): p + r.new_ids for p, r in zip(ps, ar, strict=True)}
-    decode.step_stats.reset()
     orc = llm.generate(
         [""] * len(ps), prompt_ids=ps, method="oracle", head=head, oracle_ref=refs, max_new_tokens=128, **tree
     )
-    oracle_tau = decode.step_stats.mean_accepted
+    oracle_tau = tau(orc)
     for p, a, f, o in zip(ps, ar, firp, orc, strict=True):
         assert f.new_tokens == o.new_tokens == 128
         assert_same_or_near_tie(llm.model, p, f.new_ids, a.new_ids)
@@ -193,7 +100,7 @@ def test_greedy_equals_ar(llm, head, oracle):
     print(f"\ntiny model, random head: {random_tau:.3f} tokens/step; oracle drafts: {oracle_tau:.3f}")
     assert 1.0 <= random_tau < 2.0
     assert oracle_tau > 2.5
-    assert decode.step_stats.hist.get(4, 0) > 0  # full-depth paths (3 drafts + bonus) happened
+    assert any(r.accepted_hist.get(4, 0) for r in orc)  # full-depth paths (3 drafts + bonus) happened
 
 
 @pytest.mark.parametrize(
@@ -246,21 +153,22 @@ def tree_state(llm, prompt: list[int]) -> State:
 
 @pytest.mark.parametrize("policy", ["all", "top:3"])
 def test_tree_forward_equals_dense_paths(llm, head, policy):
-    dec = FirpDecoder(llm, SamplingParams(), head=head, tree_budget=12, pseudo_policy=policy)
-    tree = dec.tree
+    drafter = FirpDrafter(llm, head=head, tree_budget=12, pseudo_policy=policy)
+    dec, lay = SpecDecoder(llm, SamplingParams(), drafter), drafter.full
+    tree = lay.tree
     prompt = prompts(1, llm.config.vocab_size, seed=5)[0]
     st = tree_state(llm, prompt)
-    tokens = tree.node_tokens(prompt[-1], torch.randint(0, llm.config.vocab_size, (3, dec.width)))
+    tokens = tree.node_tokens(prompt[-1], torch.randint(0, llm.config.vocab_size, (3, drafter.width)))
     with torch.inference_mode():
-        h = dec.forward_tree(st, tree, tokens)
+        h = dec.forward(st, Draft(tree, tokens.tolist(), lay))
         logits = llm.model.logits(h)
     st.seq.free()
     for j in range(tree.n):
         ids = prompt[:-1] + tokens[tree.path(j)].tolist()
-        ref = dense_logits(llm.model, ids, dec.head)
+        ref = dense_logits(llm.model, ids, head)
         torch.testing.assert_close(logits[j], ref[len(ids) - 1], atol=1e-4, rtol=1e-4)
-        if j in tree.spawn:
-            rows = list(tree.pseudo_rows(tree.spawn.index(j)))
+        if j in lay.spawn:
+            rows = list(lay.pseudo_rows(lay.spawn.index(j)))
             torch.testing.assert_close(logits[rows], ref[len(ids) :], atol=1e-4, rtol=1e-4)
 
 
@@ -268,15 +176,16 @@ def test_tree_forward_equals_dense_paths(llm, head, policy):
 
 
 def test_commit_matches_one_by_one_decoding(llm, head):
-    dec = FirpDecoder(llm, SamplingParams(), head=head, tree_budget=10)
-    tree = dec.tree
+    drafter = FirpDrafter(llm, head=head, tree_budget=10)
+    dec, lay = SpecDecoder(llm, SamplingParams(), drafter), drafter.full
+    tree = lay.tree
     path = max(tree.paths, key=lambda p: (len(p), p[1]))  # deepest path, through a rank > 0 branch
     assert len(path) == 4 and tree.nodes[path[1]].rank > 0
     prompt = prompts(1, llm.config.vocab_size, seed=6)[0]
     st = tree_state(llm, prompt)
-    tokens = tree.node_tokens(prompt[-1], torch.randint(0, llm.config.vocab_size, (3, dec.width)))
+    tokens = tree.node_tokens(prompt[-1], torch.randint(0, llm.config.vocab_size, (3, drafter.width)))
     with torch.inference_mode():
-        dec.forward_tree(st, tree, tokens)
+        dec.forward(st, Draft(tree, tokens.tolist(), lay))
         st.seq.commit(dec.scratch[0], dec.scratch[1], path)
         # the same tokens decoded one at a time into another sequence
         ref = tree_state(llm, prompt)
@@ -303,7 +212,7 @@ def test_commit_matches_one_by_one_decoding(llm, head):
 def test_head_checks(llm, head, tmp_path):
     wrong = FirpHead(llm.config.hidden_size, 3, 2, {"fingerprint": "0123456789abcdef"})
     with pytest.raises(FirpError, match="another model"):
-        FirpDecoder(llm, SamplingParams(), head=wrong)
+        FirpDrafter(llm, head=wrong)
     wrong.save(tmp_path / "wrong")
     with pytest.raises(FirpError, match="another model"):
         llm.generate("hi", method="firp", head=str(tmp_path / "wrong"), max_new_tokens=4)
@@ -312,31 +221,15 @@ def test_head_checks(llm, head, tmp_path):
     assert out[0].new_tokens == 4
     assert llm.head_path is None
     with pytest.raises(FirpError, match="train-head"):
-        FirpDecoder(llm, SamplingParams())
+        FirpDrafter(llm)
     bad_layer = FirpHead(
         llm.config.hidden_size, 3, llm.config.n_layers, {"fingerprint": llm.ckpt.fingerprint()}
     )
     with pytest.raises(FirpError, match="does not fit"):
-        FirpDecoder(llm, SamplingParams(), head=bad_layer)
+        FirpDrafter(llm, head=bad_layer)
 
 
 # ---------------------------------------------------------------- (e) lossless sampling
-
-
-def chi2_pvalue(observed: torch.Tensor, expected_p: torch.Tensor) -> float:
-    """Pearson chi-square p-value; cells expecting < 5 counts are pooled into one."""
-    n = observed.sum().item()
-    exp = expected_p.double() * n
-    small = exp < 5
-    obs_c = torch.cat([observed[~small].double(), observed[small].double().sum().view(1)])
-    exp_c = torch.cat([exp[~small], exp[small].sum().view(1)])
-    if exp_c[-1] == 0:
-        if obs_c[-1] > 0:
-            return 0.0  # a token the model can never produce
-        obs_c, exp_c = obs_c[:-1], exp_c[:-1]
-    stat = ((obs_c - exp_c) ** 2 / exp_c).sum()
-    df = obs_c.numel() - 1
-    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2).item()
 
 
 def test_try_children_is_exact(monkeypatch):
@@ -360,22 +253,25 @@ def test_try_children_is_exact(monkeypatch):
 N_NEW = 4  # tokens compared per sample: t1 from the root step, t2.. from tree verification
 
 
-def sample_firp(llm, dec: FirpDecoder, prompt: list[int], seeds: range) -> torch.Tensor:
-    """int64 [len(seeds), N_NEW]: the first tokens of one sampled generation per seed."""
+def sample_firp(llm, dec: SpecDecoder, prompt: list[int], seeds: range) -> tuple[torch.Tensor, float]:
+    """(int64 [len(seeds), N_NEW]: the first tokens of one sampled generation per seed,
+    tokens per verification step)."""
     seq = llm.cache.new_sequence()
-    out = []
+    out, steps, tokens = [], 0, 0
     with torch.inference_mode():
         prefill(llm.model, seq, prompt[:-1], 64)
         for s in seeds:
             seq.truncate(len(prompt) - 1)
             st = State(seq, list(prompt), len(prompt), torch.Generator().manual_seed(s))
-            dec.start(st)
+            st.extra["last"] = None  # the state right after prefill
             st.tokens += dec.run_step(st)
             while len(st.tokens) < len(prompt) + N_NEW:
-                st.tokens += dec.step([st])[0]
+                new = dec.step([st])[0]
+                st.tokens += new
+                steps, tokens = steps + 1, tokens + len(new)
             out.append(st.tokens[len(prompt) : len(prompt) + N_NEW])
     seq.free()
-    return torch.tensor(out)
+    return torch.tensor(out), tokens / steps
 
 
 @torch.no_grad()
@@ -404,7 +300,7 @@ def test_sampling_is_lossless(monkeypatch):
     llm5 = make_llm(tiny_checkpoint(vocab=5, n_layers=2, d=32, seed=7, head_scale=0.25))
     head = random_head(llm5, layer=1, k=3, seed=8)
     params = SamplingParams(temperature=0.9, top_p=0.95)
-    dec = FirpDecoder(llm5, params, head=head, tree_budget=10)
+    dec = SpecDecoder(llm5, params, FirpDrafter(llm5, head=head, tree_budget=10))
     prompt = [1, 3, 0, 2]
     v = llm5.config.vocab_size
 
@@ -416,9 +312,7 @@ def test_sampling_is_lossless(monkeypatch):
         )
 
     exact = exact_distributions(llm5.model, prompt, params)
-    decode.step_stats.reset()
-    good = sample_firp(llm5, dec, prompt, range(1000))
-    tau = decode.step_stats.mean_accepted
+    good, tau = sample_firp(llm5, dec, prompt, range(1000))
     assert tau > 1.3  # the tree really accepted drafts, so the rejection sampler was exercised
     p_joint, p_marg = pvalues(good, *exact)
     print(f"\nsampling: {tau:.2f} tokens/step, chi-square p = {p_joint:.3f} (t1..t3), {p_marg:.3f} (t4)")
@@ -428,7 +322,7 @@ def test_sampling_is_lossless(monkeypatch):
     assert pvalues(good, *hotter)[0] < 1e-6
     # ... and so is a lossy acceptance rule (no renormalisation after a rejected sibling).
     monkeypatch.setattr(verify, "accept_prob", lambda q, mass: q)
-    bad = sample_firp(llm5, dec, prompt, range(700))
+    bad, _ = sample_firp(llm5, dec, prompt, range(700))
     assert min(pvalues(bad, *exact)) < 1e-6
 
 

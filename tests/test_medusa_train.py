@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_firp_decode import make_llm, tiny_checkpoint
+from spec_helpers import make_llm, tiny_checkpoint
 
 from firp_engine.baselines import medusa as M
 from firp_engine.baselines import medusa_train as MT

@@ -1,15 +1,16 @@
-"""Prompt lookup decoding on a tiny random model: lossless greedy, and its n-gram lookup."""
+"""Prompt lookup drafting through the speculative step on a tiny random model: lossless
+greedy (torch and cpu backends), and its n-gram lookup."""
 
 import pytest
 import torch
-from test_firp_decode import assert_same_or_near_tie, make_llm, tiny_checkpoint
+from spec_helpers import BACKENDS, assert_same_or_near_tie, make_llm, tiny_checkpoint
 
 from firp_engine.baselines.pld import lookup
 
 
-@pytest.fixture(scope="module")
-def llm():
-    return make_llm(tiny_checkpoint(vocab=97, n_layers=4, d=64, seed=0, head_scale=0.5))
+@pytest.fixture(scope="module", params=BACKENDS)
+def llm(request):
+    return make_llm(tiny_checkpoint(vocab=97, n_layers=4, d=64, seed=0, head_scale=0.5), request.param)
 
 
 def repetitive_prompts(n: int, vocab: int, seed: int) -> list[list[int]]:

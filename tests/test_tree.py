@@ -1,4 +1,5 @@
-"""Static draft trees: greedy construction, masks, positions, pseudo-row layout."""
+"""Draft trees (spec/tree.py): greedy construction, masks, positions; FIRP's pseudo-row
+layout (firp/pseudo.py)."""
 
 import itertools
 
@@ -7,10 +8,11 @@ import torch
 
 from firp_engine import ops
 from firp_engine.errors import FirpError
-from firp_engine.firp.tree import DEFAULT_ACC, Tree, default_acc
+from firp_engine.firp.pseudo import PseudoLayout, parse_policy
+from firp_engine.spec.tree import DEFAULT_ACC, DraftTree, default_acc
 
 
-def ancestors_of(tree: Tree, j: int) -> set[int]:
+def ancestors_of(tree: DraftTree, j: int) -> set[int]:
     out = {j}
     while tree.nodes[j].parent >= 0:
         j = tree.nodes[j].parent
@@ -20,7 +22,7 @@ def ancestors_of(tree: Tree, j: int) -> set[int]:
 
 @pytest.mark.parametrize("budget", [1, 2, 5, 10, 17, 40])
 def test_budget_and_shape(budget):
-    tree = Tree.build(default_acc(3), budget, k=3)
+    tree = DraftTree.build(default_acc(3), budget)
     max_nodes = 1 + 5 + 25 + 125
     assert tree.n == min(budget, max_nodes)
     assert tree.max_depth <= 3
@@ -29,15 +31,15 @@ def test_budget_and_shape(budget):
         assert nd.depth == tree.nodes[nd.parent].depth + 1
         ranks = [tree.nodes[c].rank for c in tree.children[nd.parent]]
         assert ranks == list(range(len(ranks)))  # siblings are ranks 0..c-1, in order
-    assert tree.n_rows == tree.n + tree.n * 3
+    assert PseudoLayout(tree, 2, 3).n_rows == tree.n + tree.n * 3
 
 
 def test_printable():
-    tree = Tree.build(DEFAULT_ACC, 10, k=3, policy="top", top=3)
-    text = str(tree)
-    assert "root" in text and "d1 r0" in text and "spawns" in text
-    assert text.count("\n") == tree.n
-    assert "10 nodes" in repr(tree)
+    lay = PseudoLayout(DraftTree.build(DEFAULT_ACC, 10), 2, 3, policy="top", top=3)
+    text = str(lay)
+    assert "root" in text and "d1 r0" in text and text.count("spawns") == 3
+    assert text.count("\n") == lay.tree.n + 1
+    assert "10 nodes" in repr(lay.tree)
 
 
 def test_greedy_is_optimal_for_small_budgets():
@@ -62,43 +64,41 @@ def test_greedy_is_optimal_for_small_budgets():
             for sub in itertools.combinations(cand, n)
             if closed(sub)
         )
-        tree = Tree.build(acc, budget, k=2)
+        tree = DraftTree.build(acc, budget)
         assert tree.expected_accepted() - 1 == pytest.approx(best)
 
 
 @pytest.mark.parametrize("policy,top", [("all", 4), ("top", 3), ("top", 1)])
 def test_masks_positions_and_pseudo_rows(policy, top):
-    tree = Tree.build(default_acc(3), 12, k=3, policy=policy, top=top)
-    n = tree.n
-    assert len(tree.spawn) == (n if policy == "all" else top)
-    assert tree.spawn[0] == 0  # the root always spawns
+    lay = PseudoLayout(DraftTree.build(default_acc(3), 12), 2, 3, policy=policy, top=top)
+    tree, n = lay.tree, lay.tree.n
+    assert len(lay.spawn) == (n if policy == "all" else top)
+    assert lay.spawn[0] == 0  # the root always spawns
     anc = ops.unpack_mask(tree.tree_bits, n)
-    full = ops.unpack_mask(tree.full_bits, tree.n_rows)
-    assert tree.tree_bits.dtype == torch.int64 and tree.full_bits.shape == (
-        tree.n_rows,
-        (tree.n_rows + 63) // 64,
-    )
+    full = ops.unpack_mask(lay.full_bits, lay.n_rows)
+    assert tree.tree_bits.dtype == torch.int64
+    assert lay.full_bits.shape == (lay.n_rows, (lay.n_rows + 63) // 64)
     for j in range(n):
         want = ancestors_of(tree, j)
         assert set(torch.nonzero(anc[j]).flatten().tolist()) == want
         assert set(torch.nonzero(full[j]).flatten().tolist()) == want  # tree rows never see pseudo rows
-        assert tree.offsets[j] == tree.nodes[j].depth
-    for g, j in enumerate(tree.spawn):
-        rows = list(tree.pseudo_rows(g))
+        assert lay.offsets[j] == tree.depth[j] == tree.nodes[j].depth
+    for g, j in enumerate(lay.spawn):
+        rows = list(lay.pseudo_rows(g))
         for i, r in enumerate(rows, 1):
             seen = set(torch.nonzero(full[r]).flatten().tolist())
             assert seen == ancestors_of(tree, j) | set(rows[:i])
-            assert tree.offsets[r] == tree.nodes[j].depth + i
+            assert lay.offsets[r] == tree.nodes[j].depth + i
     for path in tree.paths:
         assert path[0] == 0 and not tree.children[path[-1]]
     assert len(tree.paths) == sum(1 for c in tree.children if not c)
 
 
 def test_sources_and_node_tokens():
-    tree = Tree.build(default_acc(3), 10, k=3, policy="top", top=2)
-    spawning = set(tree.spawn)
-    for j, (g, delta) in enumerate(tree.source):
-        a = tree.spawn[g]
+    lay = PseudoLayout(DraftTree.build(default_acc(3), 10), 2, 3, policy="top", top=2)
+    tree, spawning = lay.tree, set(lay.spawn)
+    for j, (g, delta) in enumerate(lay.source):
+        a = lay.spawn[g]
         assert a in ancestors_of(tree, j) and delta == tree.nodes[j].depth - tree.nodes[a].depth
         assert (delta == 0) == (j in spawning)
     cands = torch.arange(3 * 5).reshape(3, 5) + 100
@@ -109,14 +109,16 @@ def test_sources_and_node_tokens():
 
 
 def test_chain_and_errors():
-    c = Tree.chain(2, 3)
+    c = DraftTree.chain(2)
     assert c.n == 3 and c.max_depth == 2 and c.paths == [[0, 1, 2]]
-    assert Tree.chain(0, 3).n == 1 and Tree.chain(0, 3).n_rows == 4
-    assert len(Tree.chain(3, 3, policy="top", top=2).spawn) == 2
+    assert DraftTree.chain(0).n == 1 and PseudoLayout(DraftTree.chain(0), 2, 3).n_rows == 4
+    assert len(PseudoLayout(DraftTree.chain(3), 2, 3, policy="top", top=2).spawn) == 2
     with pytest.raises(FirpError):
-        Tree.build(DEFAULT_ACC, 0)
+        DraftTree.build(DEFAULT_ACC, 0)
     with pytest.raises(FirpError):
-        Tree.build(DEFAULT_ACC, 5, k=2)  # depth 3 table, only 2 pseudo offsets
-    with pytest.raises(FirpError):
-        Tree.build(DEFAULT_ACC, 5, policy="some")
-    assert Tree.build([[0.0]], 5).n == 1  # zero-probability drafts are never added
+        PseudoLayout(DraftTree.build(DEFAULT_ACC, 5), 2, 2)  # depth 3 tree, only 2 pseudo offsets
+    for bad in ("some", "all:2", "top:x"):
+        with pytest.raises(FirpError, match="pseudo policy"):
+            parse_policy(bad)
+    assert parse_policy("top") == ("top", 4) and parse_policy("top:2") == ("top", 2)
+    assert DraftTree.build([[0.0]], 5).n == 1  # zero-probability drafts are never added

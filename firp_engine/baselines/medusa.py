@@ -10,12 +10,9 @@ the ResBlocks train: k*(d*d + d) parameters, exactly FIRP's k*d*d + k*d (Medusa-
 trains one LM head per offset, k*V*d more: 85M for the default model). Both drafters then
 get the same trainable size, the same sequences, positions, teacher, loss, steps and seed.
 
-Decoding (`MedusaDecoder`): the draft tree comes from the heads' top-R candidates, built by
-the same Tree.build as FIRP's but without pseudo rows; one tree forward verifies it, the
-walk (greedy or lossless sampling) gives the accepted path and the bonus token, and the
-heads on the last accepted node's final hidden state draft the next tree.
-
-    python -m firp_engine.baselines.medusa --k 3 --samples 2000 --epochs 1 --out runs/medusa
+Drafting (`MedusaDrafter`): the heads on the last accepted node's final hidden state give
+top-R candidates per offset for a static tree built like FIRP's (DraftTree.build), without
+added rows; the speculative step (spec/step.py) verifies it. Training: medusa_train.py.
 """
 
 from __future__ import annotations
@@ -27,13 +24,11 @@ from pathlib import Path
 import torch
 
 from firp_engine.errors import FirpError
-from firp_engine.firp.decode import FirpDecoder, StepStats
 from firp_engine.firp.head import read_head_files, resolve_head
-from firp_engine.firp.tree import Tree, default_acc, default_tree
-from firp_engine.firp.verify import greedy_walk, sample_walk
-from firp_engine.generate import State, prefill
-from firp_engine.model import Batch, SeqRows, Transformer
-from firp_engine.sampling import SamplingParams
+from firp_engine.generate import State
+from firp_engine.model import Transformer
+from firp_engine.spec.step import Draft, StepOutput
+from firp_engine.spec.tree import DraftTree, default_acc, default_tree
 
 
 class MedusaHead(torch.nn.Module):
@@ -84,78 +79,41 @@ def head_logits(model: Transformer, head: MedusaHead, x: torch.Tensor) -> torch.
     return model.lm_head(z.reshape(-1, z.shape[-1])).float().view(*z.shape[:2], -1)
 
 
-# ---------------------------------------------------------------- decoding
+# ---------------------------------------------------------------- drafting
 
 
-class MedusaDecoder:
-    """One request at a time: the tree is drafted from the last accepted node's heads."""
-
-    batched = False
+class MedusaDrafter:
+    """The heads on the last accepted node's final hidden state draft a static tree."""
 
     def __init__(
         self,
         llm,
-        params: SamplingParams,
         head: MedusaHead | str | Path | None = None,
         tree_budget: int | None = None,
         acc: list[list[float]] | None = None,
-        **_: object,
     ) -> None:
-        self.model, self.params = llm.model, params
-        self.chunk, self.max_context = llm.prefill_chunk, llm.max_context
+        self.model = llm.model
         cfg = self.model.cfg
         h = resolve_head(llm, head, MedusaHead, "medusa")
         if h.weight.shape[-1] != cfg.hidden_size:
             raise FirpError(
                 f"Medusa head (d={h.weight.shape[-1]}) does not fit this model (d={cfg.hidden_size})"
             )
-        self.head = copy.deepcopy(h).to(self.model.dtype).requires_grad_(False)
+        self.head = copy.deepcopy(h).to(self.model.dtype).to(self.model.device).requires_grad_(False)
         self.k = h.k
         acc = [list(r) for r in (acc or h.meta.get("acc") or default_acc(self.k))][: self.k]
         self.width = min(max(len(r) for r in acc), cfg.vocab_size)
-        built = Tree.build(acc, tree_budget or default_tree(llm.backend)[0], len(acc))
-        self.tree = Tree(built.nodes, 0, list(range(built.n)))  # k = 0: no pseudo rows
-        self.root_tree = Tree.chain(0, 0)
-        shape = (cfg.n_layers, self.tree.n, cfg.n_kv_heads, cfg.head_dim)
-        self.scratch = (
-            torch.empty(shape, dtype=self.model.dtype),
-            torch.empty(shape, dtype=self.model.dtype),
-        )
-        self.stats = StepStats()
+        self.tree = DraftTree.build(acc, tree_budget or default_tree(self.model.device)[0])
+        self.root = DraftTree.chain(0)
+        self.max_rows = self.tree.n
 
-    def prefill(self, st: State) -> list[int]:
-        prefill(self.model, st.seq, st.tokens[:-1], self.chunk)
-        st.extra.update(tree=self.root_tree, cands=torch.empty(0, self.width, dtype=torch.int64))
-        return self.run_step(st)
+    def propose(self, st: State, last: StepOutput | None) -> Draft:
+        if last is None:
+            return Draft(self.root, [st.tokens[-1]])
+        cands = self.candidates(last.h[last.path[-1]])
+        return Draft(self.tree, self.tree.node_tokens(st.tokens[-1], cands).tolist())
 
-    def step(self, states: list[State]) -> list[list[int]]:
-        return [self.run_step(st, count=True) for st in states]
-
-    def run_step(self, st: State, count: bool = False) -> list[int]:
-        model, tree, cands = self.model, st.extra["tree"], st.extra["cands"]
-        tokens = tree.node_tokens(st.tokens[-1], cands)
-        # positions past the RoPE table only occur for drafts past the context: never accepted
-        pos = (st.seq.length + tree.offsets).clamp_(max=model.cos.shape[0] - 1)
-        batch = Batch(pos, [SeqRows(st.seq, 0, tree.n, tree.tree_bits)], "tree", scratch=self.scratch)
-        h = model.forward(batch, model.embed_tokens(tokens))
-        logits = model.logits(h)
-        tok_list = tokens.tolist()
-        max_drafts = max(0, self.max_context - len(st.tokens) - 1)
-        if self.params.greedy:
-            path, bonus = greedy_walk(tree, tok_list, logits.argmax(-1).tolist(), max_drafts)
-        else:
-            path, bonus = sample_walk(tree, tok_list, logits, self.params, st.gen, max_drafts)
-        new = [tok_list[j] for j in path[1:]] + [bonus]
-        if count:
-            self.stats.add(len(new), FirpDecoder._hits(cands, new))
-        st.extra.update(tree=self.tree, cands=self.draft(st, h[path[-1]], new))
-        st.seq.commit(self.scratch[0], self.scratch[1], path)
-        return new
-
-    def draft(self, st: State, h: torch.Tensor, new: list[int]) -> torch.Tensor:
-        """The next tree's candidates int64 [k, width] from the last accepted node's final
-        hidden state h [d] (st and new, the step's tokens, are for drafters that need them)."""
+    def candidates(self, h: torch.Tensor) -> torch.Tensor:
+        """int64 [k, width] candidates per offset from one final hidden state h [d]."""
         x = self.model.final_norm(h[None])
-        return torch.topk(head_logits(self.model, self.head, x)[0], self.width, dim=-1).indices
-
-
+        return torch.topk(head_logits(self.model, self.head, x)[0], self.width, dim=-1).indices.cpu()

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from firp_engine.firp.tree import Tree
 from firp_engine.sampling import SamplingParams, probs
+from firp_engine.spec.tree import DraftTree
 
 
-def greedy_walk(tree: Tree, tokens: list[int], argmax: list[int], max_drafts: int) -> tuple[list[int], int]:
+def greedy_walk(
+    tree: DraftTree, tokens: list[int], argmax: list[int], max_drafts: int
+) -> tuple[list[int], int]:
     """Follow the child whose token is the model's argmax at its parent; tokens/argmax [n]."""
     node, path = 0, [0]
     while len(path) - 1 < max_drafts:
@@ -64,7 +66,7 @@ def residual_sample(p: torch.Tensor, rejected: list[int], gen: torch.Generator |
 
 
 def sample_walk(
-    tree: Tree,
+    tree: DraftTree,
     tokens: list[int],
     logits: torch.Tensor,
     params: SamplingParams,

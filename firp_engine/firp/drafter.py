@@ -1,0 +1,91 @@
+"""The FIRP drafter: pseudo rows of the step's own forward draft the next tree.
+
+The tree nodes that spawn (firp/pseudo.py) get k pseudo rows each: the head maps their
+layer-l states to k pseudo states, which run layers [l, L) beside the tree rows. After the
+step (spec/step.py) has verified the tree, the last accepted node's pseudo rows, decoded by
+the LM head, give the top-R candidates per offset of the next tree. So drafting costs no
+forward of its own: a few extra rows in the verification forward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from firp_engine import ops
+from firp_engine.errors import FirpError
+from firp_engine.firp.head import FirpHead, resolve_head
+from firp_engine.firp.pseudo import PseudoLayout, parse_policy
+from firp_engine.generate import State
+from firp_engine.spec.step import Draft, StepOutput
+from firp_engine.spec.tree import DraftTree, default_acc, default_tree
+
+
+class FirpDrafter:
+    def __init__(
+        self,
+        llm,
+        head: FirpHead | str | Path | None = None,
+        tree_budget: int | None = None,
+        pseudo_policy: str | None = None,
+        acc: list[list[float]] | None = None,
+    ) -> None:
+        self.model = llm.model
+        cfg = self.model.cfg
+        h = resolve_head(llm, head, FirpHead, "firp")
+        if h.weight.shape[-1] != cfg.hidden_size or not 0 < h.layer < cfg.n_layers:
+            raise FirpError(
+                f"FIRP head (d={h.weight.shape[-1]}, layer {h.layer}) does not fit this model "
+                f"(d={cfg.hidden_size}, {cfg.n_layers} layers)"
+            )
+        # The maps in the run's dtype and on its device, so a step casts nothing.
+        self.weight = h.weight.detach().to(self.model.dtype, copy=True).to(self.model.device)
+        self.bias = h.bias.detach().to(self.model.dtype, copy=True).to(self.model.device)
+        self.layer, self.k = h.layer, h.k
+        budget, default_policy = default_tree(self.model.device)
+        policy, top = parse_policy(pseudo_policy or default_policy)
+        acc = [list(r) for r in (acc or h.meta.get("acc") or default_acc(self.k))][: self.k]
+        self.width = min(max(len(r) for r in acc), cfg.vocab_size)  # candidates kept per offset
+
+        def layout(tree: DraftTree) -> PseudoLayout:
+            return PseudoLayout(tree, self.layer, self.k, policy, top)
+
+        self.full = layout(DraftTree.build(acc, tree_budget or budget))
+        # delta = depth of the accepted node below its nearest spawning ancestor: that
+        # ancestor's offsets delta+1..k draft a chain (root only once they run out).
+        self.fallback = {d: layout(DraftTree.chain(max(0, self.k - d))) for d in range(1, self.k + 1)}
+        self.root = layout(DraftTree.chain(0))
+        self.max_rows = max(lay.n_rows for lay in [self.full, self.root, *self.fallback.values()])
+
+    def extra_rows(self, draft: Draft, h: torch.Tensor) -> torch.Tensor:
+        """The spawning nodes' layer-l states [m, d] -> their pseudo rows [m * k, d]."""
+        return ops.call("firp_project", h[draft.layout.spawn_idx], self.weight, self.bias)
+
+    def propose(self, st: State, last: StepOutput | None) -> Draft:
+        if last is None:
+            return self.draft(st, self.root, torch.empty(0, self.width, dtype=torch.int64))
+        lay, cands = self.candidates(last)
+        return self.draft(st, lay, cands)
+
+    def draft(self, st: State, lay: PseudoLayout, cands: torch.Tensor) -> Draft:
+        """Node tokens from cands int64 [depth, R] (row d-1: depth d); one LM-head pass over
+        all rows when a single pseudo group exists (cheaper than decoding it separately)."""
+        tokens = lay.tree.node_tokens(st.tokens[-1], cands).tolist()
+        one_group = lay.n_rows - lay.tree.n <= self.k
+        return Draft(lay.tree, tokens, lay, lay.n_rows if one_group else 0)
+
+    def candidates(self, last: StepOutput) -> tuple[PseudoLayout, torch.Tensor]:
+        """The next layout and its candidates, from the pseudo rows of the last accepted node
+        or, if it spawned none, of its deepest spawning ancestor."""
+        lay: PseudoLayout = last.draft.layout
+        group, delta = lay.source[last.path[-1]]
+        rows = lay.pseudo_rows(group)[delta:]
+        nxt = self.full if delta == 0 else self.fallback[delta]
+        if not rows:
+            return nxt, torch.empty(0, self.width, dtype=torch.int64)
+        if rows.stop <= last.logits.shape[0]:
+            rl = last.logits[rows.start : rows.stop]
+        else:  # only these k - delta pseudo rows go through the LM head (V x d each), not all
+            rl = self.model.logits(last.h[rows.start : rows.stop])
+        return nxt, torch.topk(rl, self.width, dim=-1).indices.cpu()

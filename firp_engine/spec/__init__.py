@@ -1,0 +1,1 @@
+"""Speculative decoding: the one step, draft trees and verification, shared by every drafter."""
