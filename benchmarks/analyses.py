@@ -43,8 +43,8 @@ from firp_engine.baselines.medusa import MedusaHead, head_logits, rank_metrics  
 from firp_engine.firp import data  # noqa: E402
 from firp_engine.firp import train as T  # noqa: E402
 from firp_engine.firp.head import FirpHead, shipped_head  # noqa: E402
-from firp_engine.spec.tree import DraftTree  # noqa: E402
 from firp_engine.model import Transformer  # noqa: E402
+from firp_engine.spec.tree import DraftTree  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
