@@ -86,7 +86,7 @@ def prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
 
 def random_head(llm: LLM, layer: int, k: int, seed: int, noise: float = 0.3) -> FirpHead:
     d = llm.config.hidden_size
-    head = FirpHead(d, k, layer, {"fingerprint": llm.ckpt.fingerprint()})
+    head = FirpHead(d, k, layer, {"fingerprint": llm.fingerprint})
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         head.weight.add_(torch.randn(k, d, d, generator=g) * noise * d**-0.5)

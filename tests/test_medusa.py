@@ -19,7 +19,7 @@ def llm(request):
 
 def random_head(llm, k: int = 3, seed: int = 1, noise: float = 0.5) -> M.MedusaHead:
     d = llm.config.hidden_size
-    head = M.MedusaHead(d, k, {"fingerprint": llm.ckpt.fingerprint()})
+    head = M.MedusaHead(d, k, {"fingerprint": llm.fingerprint})
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         head.weight.copy_(torch.randn(k, d, d, generator=g) * noise * d**-0.5)
@@ -99,7 +99,7 @@ def test_sampling_runs_and_is_seeded(llm):
 def test_head_files(llm, tmp_path, monkeypatch):
     head = random_head(llm)
     head.save(tmp_path / "m", {"acc": [[0.5, 0.1], [0.3, 0.1], [0.2, 0.1]]})
-    back = M.MedusaHead.load(tmp_path / "m.json", llm.ckpt.fingerprint())
+    back = M.MedusaHead.load(tmp_path / "m.json", llm.fingerprint)
     assert torch.equal(back.weight, head.weight) and torch.equal(back.bias, head.bias)
     assert back.meta["kind"] == "medusa" and back.meta["acc"][0] == [0.5, 0.1] and back.k == 3
     out = llm.generate("hi", method="medusa", head=str(tmp_path / "m"), max_new_tokens=4)
@@ -112,7 +112,7 @@ def test_head_files(llm, tmp_path, monkeypatch):
     with pytest.raises(FirpError, match="another model"):
         llm.generate("hi", method="medusa", head=str(tmp_path / "wrong"), max_new_tokens=4)
     # a FIRP head is not a Medusa head
-    FirpHead(llm.config.hidden_size, 3, 2, {"fingerprint": llm.ckpt.fingerprint()}).save(tmp_path / "f")
+    FirpHead(llm.config.hidden_size, 3, 2, {"fingerprint": llm.fingerprint}).save(tmp_path / "f")
     with pytest.raises(FirpError, match="not 'medusa'"):
         M.MedusaDrafter(llm, head=str(tmp_path / "f"))
     # no head at all, then the shipped one is found by fingerprint and kind

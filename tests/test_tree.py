@@ -8,8 +8,12 @@ import torch
 
 from firp_engine import ops
 from firp_engine.errors import FirpError
-from firp_engine.firp.pseudo import PseudoLayout, parse_policy
+from firp_engine.firp.pseudo import PseudoLayout, parse_policy, spawning
 from firp_engine.spec.tree import DEFAULT_ACC, DraftTree, default_acc
+
+
+def layout(tree: DraftTree, k: int, policy: str = "all", top: int = 4) -> PseudoLayout:
+    return PseudoLayout(tree, 2, k, spawning(tree, policy, top))
 
 
 def ancestors_of(tree: DraftTree, j: int) -> set[int]:
@@ -31,11 +35,11 @@ def test_budget_and_shape(budget):
         assert nd.depth == tree.nodes[nd.parent].depth + 1
         ranks = [tree.nodes[c].rank for c in tree.children[nd.parent]]
         assert ranks == list(range(len(ranks)))  # siblings are ranks 0..c-1, in order
-    assert PseudoLayout(tree, 2, 3).n_rows == tree.n + tree.n * 3
+    assert layout(tree, 3).n_rows == tree.n + tree.n * 3
 
 
 def test_printable():
-    lay = PseudoLayout(DraftTree.build(DEFAULT_ACC, 10), 2, 3, policy="top", top=3)
+    lay = layout(DraftTree.build(DEFAULT_ACC, 10), 3, "top", 3)
     text = str(lay)
     assert "root" in text and "d1 r0" in text and text.count("spawns") == 3
     assert text.count("\n") == lay.tree.n + 1
@@ -70,7 +74,7 @@ def test_greedy_is_optimal_for_small_budgets():
 
 @pytest.mark.parametrize("policy,top", [("all", 4), ("top", 3), ("top", 1)])
 def test_masks_positions_and_pseudo_rows(policy, top):
-    lay = PseudoLayout(DraftTree.build(default_acc(3), 12), 2, 3, policy=policy, top=top)
+    lay = layout(DraftTree.build(default_acc(3), 12), 3, policy, top)
     tree, n = lay.tree, lay.tree.n
     assert len(lay.spawn) == (n if policy == "all" else top)
     assert lay.spawn[0] == 0  # the root always spawns
@@ -95,7 +99,7 @@ def test_masks_positions_and_pseudo_rows(policy, top):
 
 
 def test_sources_and_node_tokens():
-    lay = PseudoLayout(DraftTree.build(default_acc(3), 10), 2, 3, policy="top", top=2)
+    lay = layout(DraftTree.build(default_acc(3), 10), 3, "top", 2)
     tree, spawning = lay.tree, set(lay.spawn)
     for j, (g, delta) in enumerate(lay.source):
         a = lay.spawn[g]
@@ -111,12 +115,12 @@ def test_sources_and_node_tokens():
 def test_chain_and_errors():
     c = DraftTree.chain(2)
     assert c.n == 3 and c.max_depth == 2 and c.paths == [[0, 1, 2]]
-    assert DraftTree.chain(0).n == 1 and PseudoLayout(DraftTree.chain(0), 2, 3).n_rows == 4
-    assert len(PseudoLayout(DraftTree.chain(3), 2, 3, policy="top", top=2).spawn) == 2
+    assert DraftTree.chain(0).n == 1 and layout(DraftTree.chain(0), 3).n_rows == 4
+    assert len(layout(DraftTree.chain(3), 3, "top", 2).spawn) == 2
     with pytest.raises(FirpError):
         DraftTree.build(DEFAULT_ACC, 0)
-    with pytest.raises(FirpError):
-        PseudoLayout(DraftTree.build(DEFAULT_ACC, 5), 2, 2)  # depth 3 tree, only 2 pseudo offsets
+    with pytest.raises(FirpError, match="root"):
+        PseudoLayout(DraftTree.build(DEFAULT_ACC, 5), 2, 3, [1, 2])
     for bad in ("some", "all:2", "top:x"):
         with pytest.raises(FirpError, match="pseudo policy"):
             parse_policy(bad)

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from firp_engine import ops
 from firp_engine.errors import FirpError
 from firp_engine.firp.head import FirpHead, resolve_head
-from firp_engine.firp.pseudo import PseudoLayout, parse_policy
+from firp_engine.firp.pseudo import PseudoLayout, parse_policy, spawning
 from firp_engine.generate import State
 from firp_engine.spec.step import Draft, StepOutput
 from firp_engine.spec.tree import DraftTree, default_acc, default_tree
@@ -48,8 +47,12 @@ class FirpDrafter:
         acc = [list(r) for r in (acc or h.meta.get("acc") or default_acc(self.k))][: self.k]
         self.width = min(max(len(r) for r in acc), cfg.vocab_size)  # candidates kept per offset
 
+        self.policy, self.top = policy, top
+        if len(acc) > self.k:
+            raise FirpError(f"an acceptance table of depth {len(acc)} needs k >= {len(acc)}, got {self.k}")
+
         def layout(tree: DraftTree) -> PseudoLayout:
-            return PseudoLayout(tree, self.layer, self.k, policy, top)
+            return PseudoLayout(tree, self.layer, self.k, spawning(tree, policy, top))
 
         self.full = layout(DraftTree.build(acc, tree_budget or budget))
         # delta = depth of the accepted node below its nearest spawning ancestor: that
@@ -60,7 +63,7 @@ class FirpDrafter:
 
     def extra_rows(self, draft: Draft, h: torch.Tensor) -> torch.Tensor:
         """The spawning nodes' layer-l states [m, d] -> their pseudo rows [m * k, d]."""
-        return ops.call("firp_project", h[draft.layout.spawn_idx], self.weight, self.bias)
+        return self.model.backend.call("firp_project", h[draft.layout.spawn_idx], self.weight, self.bias)
 
     def propose(self, st: State, last: StepOutput | None) -> Draft:
         if last is None:
@@ -75,17 +78,20 @@ class FirpDrafter:
         one_group = lay.n_rows - lay.tree.n <= self.k
         return Draft(lay.tree, tokens, lay, lay.n_rows if one_group else 0)
 
-    def candidates(self, last: StepOutput) -> tuple[PseudoLayout, torch.Tensor]:
-        """The next layout and its candidates, from the pseudo rows of the last accepted node
-        or, if it spawned none, of its deepest spawning ancestor."""
+    def pseudo_logits(self, last: StepOutput) -> torch.Tensor:
+        """fp32 logits [k - delta, V] of the pseudo rows that draft the next tree: those of the
+        last accepted node or, if it spawned none, of its deepest spawning ancestor, delta
+        levels up (their first delta offsets are spent)."""
         lay: PseudoLayout = last.draft.layout
         group, delta = lay.source[last.path[-1]]
         rows = lay.pseudo_rows(group)[delta:]
-        nxt = self.full if delta == 0 else self.fallback[delta]
-        if not rows:
-            return nxt, torch.empty(0, self.width, dtype=torch.int64)
         if rows.stop <= last.logits.shape[0]:
-            rl = last.logits[rows.start : rows.stop]
-        else:  # only these k - delta pseudo rows go through the LM head (V x d each), not all
-            rl = self.model.logits(last.h[rows.start : rows.stop])
+            return last.logits[rows.start : rows.stop]
+        # only these k - delta pseudo rows go through the LM head (V x d each), not all
+        return self.model.logits(last.h[rows.start : rows.stop])
+
+    def candidates(self, last: StepOutput) -> tuple[PseudoLayout, torch.Tensor]:
+        """The next layout and its candidates int64 [k - delta, width]."""
+        rl = self.pseudo_logits(last)
+        nxt = self.full if rl.shape[0] == self.k else self.fallback[self.k - rl.shape[0]]
         return nxt, torch.topk(rl, self.width, dim=-1).indices.cpu()

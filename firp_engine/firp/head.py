@@ -32,7 +32,7 @@ class FirpHead(torch.nn.Module):
         w, b = self.weight, self.bias
         if h.dtype != w.dtype:
             w, b = w.to(h.dtype), b.to(h.dtype)
-        return ops.call("firp_project", h, w, b)
+        return ops.firp_project(h, w, b)  # the reference: differentiable, for training and tests
 
     def n_params(self) -> int:
         return self.weight.numel() + self.bias.numel()
@@ -95,7 +95,7 @@ def shipped_head(fingerprint: str, kind: str = "firp") -> Path | None:
 def resolve_head(llm, head, cls: type, kind: str):
     """The head to use: the object or path given, the LLM's --head, or the one shipped for
     this model; a head trained for another model is refused. cls: FirpHead or MedusaHead."""
-    fp = llm.ckpt.fingerprint()
+    fp = llm.fingerprint
     name = "FIRP" if kind == "firp" else kind.capitalize()
     train = "`firp train-head`" if kind == "firp" else f"`firp train-head --method {kind}`"
     if isinstance(head, cls):

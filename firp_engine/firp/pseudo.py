@@ -25,6 +25,12 @@ from firp_engine.spec.tree import DraftTree
 POLICIES = ("all", "top")
 
 
+def spawning(tree: DraftTree, policy: str, top: int) -> list[int]:
+    """The nodes that spawn pseudo rows: all, or the `top` likeliest (the root always)."""
+    order = tree.by_value()
+    return sorted(order if policy == "all" else order[: max(1, top)])
+
+
 def parse_policy(policy: str) -> tuple[str, int]:
     """'all', 'top' (the 4 likeliest nodes spawn) or 'top:M' -> (name, M)."""
     name, _, m = policy.partition(":")
@@ -47,14 +53,11 @@ class PseudoLayout:
                     delta = depth(j) - depth(spawn[group])
     """
 
-    def __init__(self, tree: DraftTree, layer: int, k: int, policy: str = "all", top: int = 4) -> None:
-        if tree.max_depth > k and tree.n > 1:
-            raise FirpError(
-                f"a tree of depth {tree.max_depth} needs k >= {tree.max_depth} pseudo offsets, got {k}"
-            )
+    def __init__(self, tree: DraftTree, layer: int, k: int, spawn: list[int]) -> None:
+        if not spawn or min(spawn) != 0:
+            raise FirpError("the root of a FIRP draft tree must spawn pseudo rows")
         self.tree, self.layer, self.k = tree, layer, k
-        order = tree.by_value()
-        self.spawn = sorted(order if policy == "all" else order[: max(1, top)])
+        self.spawn = sorted(spawn)
         self.spawn_idx = torch.tensor(self.spawn, dtype=torch.int64)
         self.n_rows = tree.n + len(self.spawn) * k
         self.full_mask = self._full_mask()

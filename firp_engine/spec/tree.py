@@ -13,6 +13,8 @@ after the n tree rows.
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +61,41 @@ class Node:
     value: float  # product of acc along the path: P(this node is accepted)
 
 
+def grow(budget: int, kids: Callable[[list[int]], list[tuple[int, float]]]) -> tuple[list[Node], list[int]]:
+    """Best-first tree growth: the `budget` nodes (root included) of largest value.
+
+    A node's value is the product of the conditional probabilities along its path: the
+    chance it is accepted if they are independent, so a step yields 1 (the bonus) plus the
+    sum of the non-root values in expectation. kids(labels) gives the candidate children of
+    the node reached from the root by `labels`, as (label, p) in decreasing p with distinct
+    labels. Starting from the root, repeatedly add the frontier node of largest value, where
+    a node's frontier is its next candidate child; values only shrink going down, so the
+    tree is closed under parents, and the greedy choice maximises the sum of values for the
+    budget (the next-candidate-only frontier loses nothing as p decreases). Ties go to the
+    earlier node. Returns the nodes (rank = index among the parent's candidates) and their
+    labels (-1 for the root).
+    """
+    nodes, labels, paths = [Node(-1, 0, 0, 1.0)], [-1], [[]]
+    cands = [kids([])]
+    frontier: list[tuple[float, int, int]] = []  # (-value, node, index of its next candidate)
+    if cands[0]:
+        heapq.heappush(frontier, (-cands[0][0][1], 0, 0))
+    while frontier and len(nodes) < budget:
+        neg_v, j, i = heapq.heappop(frontier)
+        if neg_v >= 0:
+            break  # zero-probability candidates are never drafted
+        label = cands[j][i][0]
+        nodes.append(Node(j, nodes[j].depth + 1, i, -neg_v))
+        labels.append(label)
+        paths.append([*paths[j], label])
+        cands.append(kids(paths[-1]))
+        if i + 1 < len(cands[j]):
+            heapq.heappush(frontier, (-nodes[j].value * cands[j][i + 1][1], j, i + 1))
+        if cands[-1]:
+            heapq.heappush(frontier, (-nodes[-1].value * cands[-1][0][1], len(nodes) - 1, 0))
+    return nodes, labels
+
+
 class DraftTree:
     """A draft tree plus the masks a forward needs, precomputed (see the module docstring).
 
@@ -92,34 +129,16 @@ class DraftTree:
 
     @classmethod
     def build(cls, acc: list[list[float]], budget: int) -> DraftTree:
-        """Greedy best tree for `budget` nodes (root included) under the acceptance table acc.
-
-        A node's value is the product of acc[depth-1][rank] along its path: the probability
-        that it is accepted if those per-offset probabilities are independent. The expected
-        number of tokens a step yields is 1 (the bonus) plus the sum of the non-root values.
-        Starting from the root, repeatedly add the frontier node of largest value, where the
-        frontier of a node is its next child (rank = its current number of children, while
-        rank < len(acc[depth])) at depth < len(acc). Values only shrink going down, so every
-        tree is closed under parents; the greedy choice maximises the sum of values for the
-        budget when acc decreases in rank (then the next-rank-only frontier loses nothing).
-        """
+        """The best static tree for `budget` nodes (root included) under the acceptance table
+        acc: acc[t][r] = P(rank-r candidate at offset t+1 is right | the path to it is right).
+        Node (depth, rank) stands for candidate `rank` at offset `depth`; see `grow`."""
         if budget < 1:
             raise FirpError(f"tree budget must be >= 1, got {budget}")
-        nodes = [Node(-1, 0, 0, 1.0)]
-        n_kids = [0]
-        while len(nodes) < budget:
-            best, best_v = -1, 0.0
-            for j, nd in enumerate(nodes):
-                if nd.depth < len(acc) and n_kids[j] < len(acc[nd.depth]):
-                    v = nd.value * acc[nd.depth][n_kids[j]]
-                    if v > best_v:
-                        best, best_v = j, v
-            if best < 0:
-                break  # the table allows no more nodes (all probabilities 0 or too shallow)
-            nodes.append(Node(best, nodes[best].depth + 1, n_kids[best], best_v))
-            n_kids[best] += 1
-            n_kids.append(0)
-        return cls(nodes)
+
+        def kids(path: list[int]) -> list[tuple[int, float]]:
+            return list(enumerate(acc[len(path)])) if len(path) < len(acc) else []
+
+        return cls(grow(budget, kids)[0])
 
     @classmethod
     def chain(cls, length: int) -> DraftTree:

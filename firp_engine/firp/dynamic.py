@@ -1,0 +1,134 @@
+"""Dynamic FIRP trees, and hybrid drafts that merge prompt-lookup chains into them.
+
+The static drafter (drafter.py) reuses one tree shaped by an average acceptance table.
+Here each step's tree is grown from the draft's own probabilities (EAGLE-2's idea): the
+accepted node's pseudo rows give, per offset i, the top-R candidates with their softmax
+probabilities p_i(r), and `spec.tree.grow` keeps the `budget` nodes of largest path
+probability. FIRP candidates do not branch (offset i's candidates came from one node's
+pseudo rows), so any node at depth t offers the same children: offset t+1's candidates.
+
+With `lookup` on, the n-gram continuation of the latest match of the text's suffix (prompt
+lookup, baselines/pld.py) joins the same tree: the node on the lookup chain at depth t also
+offers the chain's next token, with the measured acceptance rate of lookup drafts at that
+depth as its probability. A token both sources propose is one node (the larger
+probability), so the node budget goes to whichever source is likelier, step by step, and
+one forward verifies both.
+
+Trees of the same shape and spawning set reuse one precomputed layout (masks, positions):
+a step builds its tree in Python over a few dozen candidates and looks its layout up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from firp_engine.baselines.pld import lookup
+from firp_engine.errors import FirpError
+from firp_engine.firp.drafter import FirpDrafter
+from firp_engine.firp.head import FirpHead
+from firp_engine.firp.pseudo import PseudoLayout, spawning
+from firp_engine.generate import State
+from firp_engine.spec.step import Draft, StepOutput
+from firp_engine.spec.tree import DraftTree, grow
+
+# Prior acceptance rate of a lookup draft at each depth, as pseudo-counts (hits, tries):
+# measured rates replace it as steps accumulate.
+LOOKUP_PRIOR = (1.0, 3.0)
+
+
+TREES = ("static", "dynamic")
+
+
+class DynamicFirpDrafter(FirpDrafter):
+    """The `firp` method: static or dynamic trees, with or without lookup drafts."""
+
+    def __init__(
+        self,
+        llm,
+        head: FirpHead | str | Path | None = None,
+        tree_budget: int | None = None,
+        pseudo_policy: str | None = None,
+        tree: str = "static",
+        lookup: bool = False,
+        max_ngram: int = 3,
+        n_lookup: int = 6,
+    ) -> None:
+        super().__init__(llm, head, tree_budget, pseudo_policy)
+        if tree not in TREES:
+            raise FirpError(f"unknown tree '{tree}' (choose from {', '.join(TREES)})")
+        if lookup and tree == "static":
+            raise FirpError("lookup drafts need tree=dynamic")
+        self.dynamic, self.use_lookup = tree == "dynamic", bool(lookup)
+        self.budget = self.full.tree.n  # the static tree's node count: the same budget
+        self.max_ngram, self.n_lookup = max_ngram, n_lookup
+        self.max_context = llm.max_context
+        spawns = self.budget if self.policy == "all" else min(self.budget, self.top)
+        self.max_rows = max(self.max_rows, self.budget + spawns * self.k)
+        self.layouts: dict[tuple, PseudoLayout] = {}
+        # lookup drafts at depth t+1: [accepted, drafted], starting from the prior
+        self.lookup_stats = [list(LOOKUP_PRIOR) for _ in range(n_lookup)]
+
+    def propose(self, st: State, last: StepOutput | None) -> Draft:
+        if not self.dynamic or (last is None and not self.use_lookup):
+            return super().propose(st, last)
+        firp: list[list[tuple[int, float]]] = []  # per offset: (token, p), likeliest first
+        if last is not None:
+            if self.use_lookup:
+                self.count_lookup(st, last)
+            rl = self.pseudo_logits(last)
+            if rl.shape[0]:
+                top = torch.topk(torch.softmax(rl.float(), -1), self.width, dim=-1)
+                pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
+                firp = [list(zip(i, p, strict=True)) for i, p in pairs]
+        chain = self.lookup_chain(st) if self.use_lookup else []
+        return self.grow_draft(st, firp, chain)
+
+    def lookup_chain(self, st: State) -> list[int]:
+        room = max(0, min(self.n_lookup, self.max_context - len(st.tokens) - 1))
+        return lookup(st.tokens, self.max_ngram, 1, room)
+
+    def grow_draft(self, st: State, firp: list[list[tuple[int, float]]], chain: list[int]) -> Draft:
+        """Grow this step's tree from FIRP's per-offset (token, p) lists and a lookup chain."""
+        rates = [a / n for a, n in self.lookup_stats]
+
+        def kids(path: list[int]) -> list[tuple[int, float]]:
+            t = len(path)
+            out = dict(firp[t]) if t < len(firp) else {}
+            if t < len(chain) and path == chain[:t]:
+                tok = chain[t]
+                out[tok] = max(out.get(tok, 0.0), rates[t])
+            return sorted(out.items(), key=lambda kv: -kv[1])
+
+        nodes, labels = grow(self.budget, kids)
+        tree = DraftTree(nodes)
+        spawn = spawning(tree, self.policy, self.top)
+        key = (tuple((nd.parent, nd.rank) for nd in nodes), tuple(spawn))
+        lay = self.layouts.get(key)
+        if lay is None:
+            lay = self.layouts[key] = PseudoLayout(tree, self.layer, self.k, spawn)
+        st.extra["lookup_nodes"] = self.chain_nodes(lay.tree, labels, chain)
+        tokens = [st.tokens[-1], *labels[1:]]
+        one_group = lay.n_rows - lay.tree.n <= self.k
+        return Draft(lay.tree, tokens, lay, lay.n_rows if one_group else 0)
+
+    @staticmethod
+    def chain_nodes(tree: DraftTree, labels: list[int], chain: list[int]) -> list[int]:
+        """Node ids of the lookup chain's tokens present in the tree, by depth."""
+        out, node = [], 0
+        for tok in chain:
+            node = next((c for c in tree.children[node] if labels[c] == tok), -1)
+            if node < 0:
+                break
+            out.append(node)
+        return out
+
+    def count_lookup(self, st: State, last: StepOutput) -> None:
+        """Update the lookup acceptance rates with the last step's verdict on its chain."""
+        accepted = set(last.path)
+        for t, node in enumerate(st.extra.get("lookup_nodes", [])):
+            self.lookup_stats[t][1] += 1
+            if node not in accepted:
+                break  # deeper chain nodes were not even tried
+            self.lookup_stats[t][0] += 1
