@@ -39,10 +39,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from firp_engine.baselines.medusa import MedusaHead, head_logits, rank_metrics  # noqa: E402
+from firp_engine.baselines.medusa import MedusaHead, head_logits  # noqa: E402
 from firp_engine.firp import data  # noqa: E402
-from firp_engine.firp import train as T  # noqa: E402
+from firp_engine.firp.context import Context, Example, run_context  # noqa: E402
 from firp_engine.firp.head import FirpHead, shipped_head  # noqa: E402
+from firp_engine.firp.objective import group_attend  # noqa: E402
+from firp_engine.firp.train import candidate_positions, rank_metrics  # noqa: E402
 from firp_engine.model import Transformer  # noqa: E402
 from firp_engine.spec.tree import DraftTree  # noqa: E402
 
@@ -69,18 +71,18 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sequence_stats(model: Transformer, firp: FirpHead, medusa: MedusaHead, ex: T.Example, n_pos: int) -> dict:
+def sequence_stats(model: Transformer, firp: FirpHead, medusa: MedusaHead, ex: Example, n_pos: int) -> dict:
     """Per-sequence ranks and cosines at up to n_pos evenly spread reply positions."""
     layer, k, n_layers = firp.layer, firp.k, model.cfg.n_layers
     prompt, reply = ex
     ids = torch.tensor((list(prompt) + list(reply))[:1024])
     t, n_prompt = ids.shape[0], min(len(prompt), ids.shape[0])
-    hs, ks, vs, x_final = T.run_context(model, ids, list(range(layer, n_layers)))
+    hs, ks, vs, x_final = run_context(model, ids, list(range(layer, n_layers)))
     hs[n_layers] = x_final  # depth L: after the last layer, before the final norm
     greedy = torch.cat([model.logits(x_final[a : a + 256]).argmax(-1) for a in range(0, t, 256)])
     empty = torch.zeros(0)
-    ctx = T.Context(t, n_prompt, hs, ks, vs, empty.long(), empty, empty, n_prompt)
-    _, pos = T.candidate_positions(ctx, k, full_groups=True)
+    ctx = Context(t, n_prompt, hs, ks, vs, empty.long(), empty, empty, n_prompt)
+    _, pos = candidate_positions(ctx, k, full_groups=True)
     if len(pos) > n_pos:
         pos = pos[torch.linspace(0, len(pos) - 1, n_pos).round().long()]
     if len(pos) == 0:
@@ -90,7 +92,7 @@ def sequence_stats(model: Transformer, firp: FirpHead, medusa: MedusaHead, ex: T
     want = greedy[fut]  # token p+i+1
     # FIRP pseudo rows through layers l..L-1, kept at every depth
     x = firp(hs[layer][pos])
-    attend = T.group_attend(model, [(ctx, pos)], k, layer)
+    attend = group_attend(model, [(ctx, pos)], k, layer)
     cos, top1, true_top1, base_cos = [], [], [], []
     for j in range(layer, n_layers + 1):
         cos.append(cosine(x, hs[j][fut]).view(-1, k))
@@ -165,7 +167,7 @@ def acceptance_vs_budget(args, firp: FirpHead, medusa: MedusaHead, prompts: list
                                             max_new_tokens=args.decode_tokens, **kw)  # fmt: skip
     t0 = time.perf_counter()
     ar = run("ar")
-    out = {"dtype": args.decode_dtype, "backend": llm.backend, "prompts": len(prompts),
+    out = {"dtype": args.decode_dtype, "backend": llm.backend.name, "prompts": len(prompts),
            "max_new_tokens": args.decode_tokens, "ar_decode_s": round(sum(r.decode_s for r in ar), 2),
            "rows": []}  # fmt: skip
     for budget in args.budgets:

@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from firp_engine.firp import train as T  # noqa: E402
+from firp_engine.firp.context import ContextStore  # noqa: E402
+from firp_engine.firp.objective import FIRP  # noqa: E402
+from firp_engine.firp.train_cli import load_data  # noqa: E402
 from firp_engine.loading import load  # noqa: E402
 from firp_engine.model import Transformer  # noqa: E402
 
@@ -90,7 +93,7 @@ def main() -> None:
         train_set = data.load_selfdistill("train", args.data_dir)[: args.samples]
         val_set = data.load_selfdistill("validation", args.data_dir)[: args.val]
     else:
-        train_set, val_set, desc = T.load_data(args.samples, args.val, args.data_dir)
+        train_set, val_set, desc = load_data(args.samples, args.val, args.data_dir)
     layers = ints(args.layers)
     base = T.TrainConfig(
         layer=layers[0],
@@ -104,10 +107,10 @@ def main() -> None:
         val_positions=args.val_positions,
         ckpt_every=0,
     )
-    store = T.ContextStore(model, layers, base.n_top, base.max_len, False, args.cache_dir, ckpt.fingerprint())
+    store = ContextStore(model, layers, base.n_top, base.max_len, False, args.cache_dir, ckpt.fingerprint())
     if args.warm:  # in the order the runs read them, so a sweep started alongside finds them ready
         order = T.epoch_order(len(train_set), args.seed, 0)
-        for ex in T._bar(val_set + [train_set[i] for i in order], "context passes", True):
+        for ex in T.progress_bar(val_set + [train_set[i] for i in order], "context passes", True):
             store.get(ex)
         print(store.stats())
         return
@@ -123,9 +126,9 @@ def main() -> None:
 
     def run(layer: int, k: int) -> dict:
         cfg = dataclasses.replace(base, layer=layer, k=k)
-        head, state = T.train(model, train_set, cfg, store, progress=True)
+        head, state = T.train(model, FIRP, train_set, cfg, store, progress=True)
         t0 = time.monotonic()
-        val = T.validate(model, head, val_set, cfg, store, progress=True)
+        val = T.validate(model, FIRP, head, val_set, cfg, store, progress=True)
         r = row(layer, k, val, state, time.monotonic() - t0)
         out["runs"].append(r)
         out["context_passes"] = store.stats()

