@@ -160,7 +160,7 @@ def test_tree_forward_equals_dense_paths(llm, head, policy):
     st = tree_state(llm, prompt)
     tokens = tree.node_tokens(prompt[-1], torch.randint(0, llm.config.vocab_size, (3, drafter.width)))
     with torch.inference_mode():
-        h = dec.forward(st, Draft(tree, tokens.tolist(), lay))
+        h = dec.forward([st], [Draft(tree, tokens.tolist(), lay)])[0]
         logits = llm.model.logits(h)
     st.seq.free()
     for j in range(tree.n):
@@ -185,7 +185,7 @@ def test_commit_matches_one_by_one_decoding(llm, head):
     st = tree_state(llm, prompt)
     tokens = tree.node_tokens(prompt[-1], torch.randint(0, llm.config.vocab_size, (3, drafter.width)))
     with torch.inference_mode():
-        dec.forward(st, Draft(tree, tokens.tolist(), lay))
+        dec.forward([st], [Draft(tree, tokens.tolist(), lay)])
         st.seq.commit(dec.scratch[0], dec.scratch[1], path)
         # the same tokens decoded one at a time into another sequence
         ref = tree_state(llm, prompt)

@@ -13,6 +13,10 @@ step's outputs it returns the next `Draft`, a token tree whose root is the pendi
    rejection sampling (`spec/verify.py`) gives the accepted path and the bonus token.
 3. commit: only the accepted nodes' K/V go from the scratch into the sequence's pages.
 
+Several sequences step together: their rows are packed one sequence after another in each
+forward (each under its own mask, its K/V in its own region of the scratch), and the LM
+head reads all of them in one pass; walking, committing and drafting are per sequence.
+
 Prefill writes all prompt tokens but the last; the last one is the root of the first
 step's tree, so the first step is no special case.
 """
@@ -75,21 +79,27 @@ class Drafter(Protocol):
 
 
 class SpecDecoder:
-    """Speculative decoding with any drafter, one request at a time (trees are per sequence)."""
+    """Speculative decoding with any drafter, batched over requests: the draft trees of all
+    running sequences (with any added rows) go through one forward, packed per sequence,
+    each under its own mask; verification, commit and drafting run per sequence."""
 
-    batched = False
+    batched = True
 
     def __init__(self, llm, params: SamplingParams, drafter: Drafter) -> None:
         self.model, self.params, self.drafter = llm.model, params, drafter
         self.chunk, self.max_context = llm.prefill_chunk, llm.max_context
-        cfg = self.model.cfg
-        shape = (cfg.n_layers, drafter.max_rows, cfg.n_kv_heads, cfg.head_dim)
-        dev = self.model.device
-        self.scratch = (
-            torch.empty(shape, dtype=self.model.dtype, device=dev),
-            torch.empty(shape, dtype=self.model.dtype, device=dev),
-        )
+        self.rows = drafter.max_rows  # scratch rows per sequence
         self.overshoot = drafter.max_rows  # most tokens one step commits (for KV admission)
+        self.scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.reserve_scratch(1)
+
+    def reserve_scratch(self, n_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V scratch [L, n_seqs * rows, Hkv, D]: sequence b's rows start at b * rows."""
+        if self.scratch is None or self.scratch[0].shape[1] < n_seqs * self.rows:
+            cfg, m = self.model.cfg, self.model
+            shape = (cfg.n_layers, n_seqs * self.rows, cfg.n_kv_heads, cfg.head_dim)
+            self.scratch = tuple(torch.empty(shape, dtype=m.dtype, device=m.device) for _ in "kv")
+        return self.scratch
 
     def prefill(self, st: State) -> list[int]:
         prefill(self.model, st.seq, st.tokens[:-1], self.chunk)
@@ -97,37 +107,69 @@ class SpecDecoder:
         return self.run_step(st)
 
     def step(self, states: list[State]) -> list[list[int]]:
-        return [self.run_step(st) for st in states]
-
-    def forward(self, st: State, draft: Draft) -> torch.Tensor:
-        """The step's one forward: final hidden rows [n_rows, d] (tree rows, then added rows)."""
-        model, tree, lay = self.model, draft.tree, draft.layout
-        dev = model.device
-        offsets = tree.depth if lay is None else lay.offsets
-        # Rows past the RoPE table only occur for drafts past the context: never accepted.
-        pos = (st.seq.length + offsets.to(dev)).clamp_(max=model.cos.shape[0] - 1)
-        x = model.embed_tokens(torch.tensor(draft.tokens, device=dev))
-        low = Batch(
-            pos[: tree.n], [SeqRows(st.seq, 0, tree.n, tree.tree_bits.to(dev))], "tree", scratch=self.scratch
-        )
-        if lay is None:
-            return model.forward(low, x)
-        h = model.forward(low, x, 0, lay.layer)
-        h = torch.cat([h, self.drafter.extra_rows(draft, h)])
-        up = Batch(pos, [SeqRows(st.seq, 0, lay.n_rows, lay.full_bits.to(dev))], "tree", scratch=self.scratch)
-        return model.forward(up, h, lay.layer, model.cfg.n_layers)
+        drafts = [self.drafter.propose(st, st.extra["last"]) for st in states]
+        h, spans = self.forward(states, drafts)
+        # One LM-head pass over every sequence's tree rows (and the added rows it asks for).
+        want = [range(a, a + max(d.tree.n, d.logit_rows)) for (a, _), d in zip(spans, drafts, strict=True)]
+        logits = self.model.logits(h[torch.tensor([r for w in want for r in w], device=h.device)])
+        out, at = [], 0
+        for b, (st, d, (a, e)) in enumerate(zip(states, drafts, spans, strict=True)):
+            lg = logits[at : at + len(want[b])]
+            at += len(want[b])
+            out.append(self.verify(st, d, h[a:e], lg, b * self.rows))
+        return out
 
     def run_step(self, st: State) -> list[int]:
-        draft = self.drafter.propose(st, st.extra["last"])
-        tree = draft.tree
-        h = self.forward(st, draft)
-        logits = self.model.logits(h[: max(tree.n, draft.logit_rows)])
+        return self.step([st])[0]
+
+    def forward(self, states: list[State], drafts: list[Draft]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The step's one forward over all sequences. Returns the final hidden rows of all
+        sequences packed (sequence b: tree rows, then added rows, at spans[b] = (start, end))."""
+        model, dev = self.model, self.model.device
+        scratch = self.reserve_scratch(len(states))
+        layers = {d.layout.layer for d in drafts if d.layout is not None}
+        assert len(layers) <= 1, "drafts of one step add their rows at one layer"
+        layer = layers.pop() if layers else model.cfg.n_layers
+        low, up, pos_low, pos_up, spans, a, u = [], [], [], [], [], 0, 0
+        for b, (st, d) in enumerate(zip(states, drafts, strict=True)):
+            tree, lay = d.tree, d.layout
+            offsets = tree.depth if lay is None else lay.offsets
+            # Rows past the RoPE table only occur for drafts past the context: never accepted.
+            pos = (st.seq.length + offsets).clamp_(max=model.cos.shape[0] - 1)
+            n_rows = tree.n if lay is None else lay.n_rows
+            bits = tree.tree_bits if lay is None else lay.full_bits
+            low.append(SeqRows(st.seq, a, a + tree.n, tree.tree_bits.to(dev), b * self.rows))
+            up.append(SeqRows(st.seq, u, u + n_rows, bits.to(dev), b * self.rows))
+            pos_low.append(pos[: tree.n])
+            pos_up.append(pos)
+            spans.append((u, u + n_rows))
+            a, u = a + tree.n, u + n_rows
+        x = model.embed_tokens([t for d in drafts for t in d.tokens])
+        batch = Batch(torch.cat(pos_low).to(dev), low, "tree", scratch=scratch)
+        h = model.forward(batch, x, 0, layer)
+        if layer == model.cfg.n_layers:
+            return h, spans
+        parts, a = [], 0
+        for d in drafts:  # each sequence's tree rows, then the rows its drafter adds
+            n = d.tree.n
+            parts.append(h[a : a + n])
+            if d.layout is not None:
+                parts.append(self.drafter.extra_rows(d, h[a : a + n]))
+            a += n
+        batch = Batch(torch.cat(pos_up).to(dev), up, "tree", scratch=scratch)
+        return model.forward(batch, torch.cat(parts), layer, model.cfg.n_layers), spans
+
+    def verify(
+        self, st: State, d: Draft, h: torch.Tensor, logits: torch.Tensor, scratch_row: int
+    ) -> list[int]:
+        """Walk one sequence's tree, commit the accepted rows' K/V, keep the step's outputs."""
+        tree = d.tree
         max_drafts = max(0, self.max_context - len(st.tokens) - 1)  # never step past the context
         if self.params.greedy:
-            path, bonus = greedy_walk(tree, draft.tokens, logits[: tree.n].argmax(-1).tolist(), max_drafts)
+            path, bonus = greedy_walk(tree, d.tokens, logits[: tree.n].argmax(-1).tolist(), max_drafts)
         else:
-            path, bonus = sample_walk(tree, draft.tokens, logits[: tree.n], self.params, st.gen, max_drafts)
-        new = [draft.tokens[j] for j in path[1:]] + [bonus]
-        st.seq.commit(self.scratch[0], self.scratch[1], path)
-        st.extra["last"] = StepOutput(draft, path, new, h, logits)
+            path, bonus = sample_walk(tree, d.tokens, logits[: tree.n], self.params, st.gen, max_drafts)
+        new = [d.tokens[j] for j in path[1:]] + [bonus]
+        st.seq.commit(*self.scratch, [scratch_row + j for j in path])
+        st.extra["last"] = StepOutput(d, path, new, h, logits)
         return new
