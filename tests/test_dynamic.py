@@ -18,6 +18,7 @@ from firp_engine.errors import FirpError
 from firp_engine.firp.dynamic import LOOKUP_PRIOR, DynamicFirpDrafter
 from firp_engine.generate import State
 from firp_engine.sampling import SamplingParams
+from firp_engine.scheduler import Request
 from firp_engine.spec.step import SpecDecoder
 from firp_engine.spec.tree import grow
 
@@ -61,8 +62,7 @@ def test_hybrid_measures_lookup_acceptance(llm):
     ps = [[5, 6, 7, 8, 9, 10, 11] * 4, [3, 1, 4, 1, 5, 9, 2, 6] * 3]
     ar = llm.generate([""] * 2, prompt_ids=ps, max_new_tokens=64)
     drafter = DynamicFirpDrafter(llm, head=head, tree_budget=10, tree="dynamic", lookup=True)
-    dec = SpecDecoder(llm, SamplingParams(), drafter)
-    out = llm._run(dec, [("", p) for p in ps], SamplingParams(), 64, [])
+    out = llm.run(SpecDecoder(llm, drafter), [Request("", p, SamplingParams(), 64) for p in ps])
     for p, a, h in zip(ps, ar, out, strict=True):
         assert_same_or_near_tie(llm.model, p, h.new_ids, a.new_ids)
     hits, tries = drafter.lookup_stats[0]
@@ -113,10 +113,10 @@ def test_sampling_is_lossless(opts):
     llm5 = make_llm(tiny_checkpoint(vocab=5, n_layers=2, d=32, seed=7, head_scale=0.25))
     head = random_head(llm5, layer=1, k=3, seed=8)
     params = SamplingParams(temperature=0.9, top_p=0.95)
-    dec = SpecDecoder(llm5, params, DynamicFirpDrafter(llm5, head=head, tree_budget=10, **opts))
+    dec = SpecDecoder(llm5, DynamicFirpDrafter(llm5, head=head, tree_budget=10, **opts))
     prompt = [1, 3, 1, 3, 1]  # repeats: lookup drafts compete with FIRP's in the hybrid
     v = llm5.config.vocab_size
-    samples, tau = sample_firp(llm5, dec, prompt, range(1000))
+    samples, tau = sample_firp(llm5, dec, params, prompt, range(1000))
     assert tau > 1.3
     joint, marg4 = exact_distributions(llm5.model, prompt, params)
     cells = samples[:, 0] * v * v + samples[:, 1] * v + samples[:, 2]

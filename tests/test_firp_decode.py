@@ -154,7 +154,7 @@ def tree_state(llm, prompt: list[int]) -> State:
 @pytest.mark.parametrize("policy", ["all", "top:3"])
 def test_tree_forward_equals_dense_paths(llm, head, policy):
     drafter = FirpDrafter(llm, head=head, tree_budget=12, pseudo_policy=policy)
-    dec, lay = SpecDecoder(llm, SamplingParams(), drafter), drafter.full
+    dec, lay = SpecDecoder(llm, drafter), drafter.full
     tree = lay.tree
     prompt = prompts(1, llm.config.vocab_size, seed=5)[0]
     st = tree_state(llm, prompt)
@@ -177,7 +177,7 @@ def test_tree_forward_equals_dense_paths(llm, head, policy):
 
 def test_commit_matches_one_by_one_decoding(llm, head):
     drafter = FirpDrafter(llm, head=head, tree_budget=10)
-    dec, lay = SpecDecoder(llm, SamplingParams(), drafter), drafter.full
+    dec, lay = SpecDecoder(llm, drafter), drafter.full
     tree = lay.tree
     path = max(tree.paths, key=lambda p: (len(p), p[1]))  # deepest path, through a rank > 0 branch
     assert len(path) == 4 and tree.nodes[path[1]].rank > 0
@@ -253,7 +253,9 @@ def test_try_children_is_exact(monkeypatch):
 N_NEW = 4  # tokens compared per sample: t1 from the root step, t2.. from tree verification
 
 
-def sample_firp(llm, dec: SpecDecoder, prompt: list[int], seeds: range) -> tuple[torch.Tensor, float]:
+def sample_firp(
+    llm, dec: SpecDecoder, params: SamplingParams, prompt: list[int], seeds: range
+) -> tuple[torch.Tensor, float]:
     """(int64 [len(seeds), N_NEW]: the first tokens of one sampled generation per seed,
     tokens per verification step)."""
     seq = llm.cache.new_sequence()
@@ -262,7 +264,7 @@ def sample_firp(llm, dec: SpecDecoder, prompt: list[int], seeds: range) -> tuple
         prefill(llm.model, seq, prompt[:-1], 64)
         for s in seeds:
             seq.truncate(len(prompt) - 1)
-            st = State(seq, list(prompt), len(prompt), torch.Generator().manual_seed(s))
+            st = State(seq, list(prompt), len(prompt), torch.Generator().manual_seed(s), params)
             st.extra["last"] = None  # the state right after prefill
             st.tokens += dec.run_step(st)
             while len(st.tokens) < len(prompt) + N_NEW:
@@ -300,7 +302,7 @@ def test_sampling_is_lossless(monkeypatch):
     llm5 = make_llm(tiny_checkpoint(vocab=5, n_layers=2, d=32, seed=7, head_scale=0.25))
     head = random_head(llm5, layer=1, k=3, seed=8)
     params = SamplingParams(temperature=0.9, top_p=0.95)
-    dec = SpecDecoder(llm5, params, FirpDrafter(llm5, head=head, tree_budget=10))
+    dec = SpecDecoder(llm5, FirpDrafter(llm5, head=head, tree_budget=10))
     prompt = [1, 3, 0, 2]
     v = llm5.config.vocab_size
 
@@ -312,7 +314,7 @@ def test_sampling_is_lossless(monkeypatch):
         )
 
     exact = exact_distributions(llm5.model, prompt, params)
-    good, tau = sample_firp(llm5, dec, prompt, range(1000))
+    good, tau = sample_firp(llm5, dec, params, prompt, range(1000))
     assert tau > 1.3  # the tree really accepted drafts, so the rejection sampler was exercised
     p_joint, p_marg = pvalues(good, *exact)
     print(f"\nsampling: {tau:.2f} tokens/step, chi-square p = {p_joint:.3f} (t1..t3), {p_marg:.3f} (t4)")
@@ -322,7 +324,7 @@ def test_sampling_is_lossless(monkeypatch):
     assert pvalues(good, *hotter)[0] < 1e-6
     # ... and so is a lossy acceptance rule (no renormalisation after a rejected sibling).
     monkeypatch.setattr(verify, "accept_prob", lambda q, mass: q)
-    bad, _ = sample_firp(llm5, dec, prompt, range(700))
+    bad, _ = sample_firp(llm5, dec, params, prompt, range(700))
     assert min(pvalues(bad, *exact)) < 1e-6
 
 

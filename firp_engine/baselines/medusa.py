@@ -25,8 +25,8 @@ import torch
 
 from firp_engine.errors import FirpError
 from firp_engine.firp.head import read_head_files, resolve_head
-from firp_engine.generate import State
 from firp_engine.model import Transformer
+from firp_engine.scheduler import State
 from firp_engine.spec.step import Draft, StepOutput
 from firp_engine.spec.tree import DraftTree, default_acc, default_tree
 

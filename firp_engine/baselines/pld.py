@@ -4,7 +4,7 @@ training; the draft chain is verified by the speculative step (spec/step.py)."""
 
 from __future__ import annotations
 
-from firp_engine.generate import State
+from firp_engine.scheduler import State
 from firp_engine.spec.step import Draft, StepOutput
 from firp_engine.spec.tree import DraftTree
 

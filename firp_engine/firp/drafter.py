@@ -16,7 +16,7 @@ import torch
 from firp_engine.errors import FirpError
 from firp_engine.firp.head import FirpHead, resolve_head
 from firp_engine.firp.pseudo import PseudoLayout, parse_policy, spawning
-from firp_engine.generate import State
+from firp_engine.scheduler import State
 from firp_engine.spec.step import Draft, StepOutput
 from firp_engine.spec.tree import DraftTree, default_acc, default_tree
 

@@ -29,7 +29,7 @@ from firp_engine.errors import FirpError
 from firp_engine.firp.drafter import FirpDrafter
 from firp_engine.firp.head import FirpHead
 from firp_engine.firp.pseudo import PseudoLayout, spawning
-from firp_engine.generate import State
+from firp_engine.scheduler import State
 from firp_engine.spec.step import Draft, StepOutput
 from firp_engine.spec.tree import DraftTree, grow
 

@@ -28,9 +28,9 @@ from typing import Protocol
 
 import torch
 
-from firp_engine.generate import State, prefill
+from firp_engine.generate import prefill
 from firp_engine.model import Batch, SeqRows
-from firp_engine.sampling import SamplingParams
+from firp_engine.scheduler import State
 from firp_engine.spec.tree import DraftTree
 from firp_engine.spec.verify import greedy_walk, sample_walk
 
@@ -85,8 +85,8 @@ class SpecDecoder:
 
     batched = True
 
-    def __init__(self, llm, params: SamplingParams, drafter: Drafter) -> None:
-        self.model, self.params, self.drafter = llm.model, params, drafter
+    def __init__(self, llm, drafter: Drafter) -> None:
+        self.model, self.drafter = llm.model, drafter
         self.chunk, self.max_context = llm.prefill_chunk, llm.max_context
         self.rows = drafter.max_rows  # scratch rows per sequence
         self.overshoot = drafter.max_rows  # most tokens one step commits (for KV admission)
@@ -165,10 +165,10 @@ class SpecDecoder:
         """Walk one sequence's tree, commit the accepted rows' K/V, keep the step's outputs."""
         tree = d.tree
         max_drafts = max(0, self.max_context - len(st.tokens) - 1)  # never step past the context
-        if self.params.greedy:
+        if st.params.greedy:
             path, bonus = greedy_walk(tree, d.tokens, logits[: tree.n].argmax(-1).tolist(), max_drafts)
         else:
-            path, bonus = sample_walk(tree, d.tokens, logits[: tree.n], self.params, st.gen, max_drafts)
+            path, bonus = sample_walk(tree, d.tokens, logits[: tree.n], st.params, st.gen, max_drafts)
         new = [d.tokens[j] for j in path[1:]] + [bonus]
         st.seq.commit(*self.scratch, [scratch_row + j for j in path])
         st.extra["last"] = StepOutput(d, path, new, h, logits)
