@@ -115,7 +115,7 @@ def test_split_is_deterministic_by_conversation():
     assert sharegpt._base_id("a_b_c") == "a_b_c"
 
 
-def test_load_selfdistill_reads_shards(tmp_path):
+def test_load_selfdistill_reads_first_generator_shards(tmp_path):
     def shard(split, ids, n):
         return {
             "split": split, "eos": 2, "ids": ids,
@@ -130,15 +130,39 @@ def test_load_selfdistill_reads_shards(tmp_path):
     train = data.load_selfdistill("train", tmp_path)
     assert train == [([0, 1, 2], [7, 0, 2]), ([1, 2, 3], [7, 1, 2]), ([0, 1, 2], [7, 0, 2])]
     assert len(data.load_selfdistill("validation", tmp_path)) == 1
-    assert data._done_ids(tmp_path, "train") == {"a", "b", "c"}
+    assert data.load_selfdistill("train", [tmp_path, tmp_path]) == train  # ids met again are skipped
     with pytest.raises(FirpError, match="unknown split"):
         data.load_selfdistill("test", tmp_path)
 
 
 def test_plan_sorts_within_windows_only():
-    prompts = [(f"p{i}", [0] * (100 - i)) for i in range(40)]
+    prompts = [(f"p{i}", [0] * (100 - i), "other") for i in range(40)]
     batches = data._plan(prompts, batch=2)  # windows of 32 prompts
     assert sum(len(b) for b in batches) == 40
-    first_window = [cid for b in batches[:16] for cid, _ in b]
+    first_window = [cid for b in batches[:16] for cid, _, _ in b]
     assert set(first_window) == {f"p{i}" for i in range(32)}
-    assert [len(p) for b in batches[:16] for _, p in b] == sorted(100 - i for i in range(32))
+    assert [len(p) for b in batches[:16] for _, p, _ in b] == sorted(100 - i for i in range(32))
+
+
+@pytest.mark.parametrize("text, want", [
+    ("Translate this sentence into French: good morning", "translation"),
+    ("Summarize the following article in three bullet points", "summarization"),
+    ("Write a Python function that reverses a list", "code"),
+    ("```\nint main() {}\n``` why does this crash?", "code"),
+    ("Extract the names and dates from this email", "extraction"),
+    ("List all the cities mentioned in the following text: Paris and Rome", "extraction"),
+    ("Calculate the area of a circle of radius 3", "math"),
+    ("What is 12 * 7?", "math"),
+    ("Write a poem about the sea", "other"),
+    ("Plan a 4 day trip to Cincinnati.", "other"),
+])  # fmt: skip
+def test_category_rule(text, want):
+    assert sharegpt.category(text) == want
+
+
+def test_eval_keys_normalise_every_turn_and_missing_files_are_errors(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question_id": 1, "turns": ["Hello   World", "Second\nturn"]}) + "\n\n")
+    assert sharegpt.eval_keys([path]) == {"hello world", "second turn"}
+    with pytest.raises(FirpError, match="--eval-questions"):
+        sharegpt.eval_keys([tmp_path / "missing.jsonl"])

