@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from firp_engine import ops  # noqa: E402
+from firp_engine.backend import Backend, available_backends  # noqa: E402
 
 MODELS = {"LLaMA-2-7B": (32, 32, 128), "LLaMA-3-8B": (32, 8, 128)}  # heads, kv heads, head dim
 TINY_MODELS = {"tiny-MHA": (4, 4, 64), "tiny-GQA": (4, 1, 64)}
@@ -112,18 +113,18 @@ def has_cuda_ops() -> bool:
     return hasattr(mod, "cuda_paged_decode_attention")
 
 
-def implementations(args: argparse.Namespace) -> dict[str, str]:
-    """impl name -> ops backend whose paged_decode/tree_attention are timed."""
+def implementations(args: argparse.Namespace) -> dict[str, Backend]:
+    """impl name -> the backend whose paged_decode/tree_attention are timed."""
     if args.dry_run:
-        return {"torch-ref": "torch"}
+        return {"torch-ref": Backend.create("torch")}
     if args.jit and "cuda" in args.backends.split(",") and not has_cuda_ops():
         print("firp_engine._C has no CUDA ops: building csrc/cuda with the JIT loader ...", flush=True)
         jit_build_cuda_ops()
-    available = ops.available_backends()
+    available = available_backends()
     chosen = {}
     for name in args.backends.split(","):
         if name in available:
-            chosen[name] = name
+            chosen[name] = Backend.create(name)
         else:
             print(f"note: backend '{name}' is not available here; skipped", flush=True)
     return chosen
@@ -239,7 +240,7 @@ def bench_decode(model, shape, ctx, batch, impls, timer, dtype, device) -> list[
     k_cache, v_cache, table = paged_cache([ctx] * batch, kv_heads, d, dtype, device)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
     q = torch.randn(batch, heads, d, dtype=dtype, device=device)
-    ref = ops.get("paged_decode_attention", "torch")(q, k_cache, v_cache, table, lens, scale)
+    ref = ops.paged_decode_attention(q, k_cache, v_cache, table, lens, scale)
 
     kd = torch.stack([gather(k_cache, table[b], ctx) for b in range(batch)])
     vd = torch.stack([gather(v_cache, table[b], ctx) for b in range(batch)])
@@ -251,9 +252,9 @@ def bench_decode(model, shape, ctx, batch, impls, timer, dtype, device) -> list[
     nbytes = 2 * batch * ctx * kv_heads * d * elt + 2 * q.numel() * elt
     rows = []
     for name, backend in impls.items():
-        fn = ops.get("paged_decode_attention", backend)
-        if backend != "torch" and fn is ops.get("paged_decode_attention", "torch"):
+        if "paged_decode_attention" in backend.fallbacks:
             continue  # the backend lacks this op (it would time the reference)
+        fn = backend.op("paged_decode_attention")
         out = torch.empty_like(q)
         us = timer(lambda fn=fn, out=out: fn(q, k_cache, v_cache, table, lens, scale, out=out))
         err = max_err(fn(q, k_cache, v_cache, table, lens, scale), ref)
@@ -272,7 +273,7 @@ def bench_tree(model, shape, ctx, nodes, pseudo, impls, timer, dtype, device) ->
     k_new = torch.randn(t, kv_heads, d, dtype=dtype, device=device)
     v_new = torch.randn_like(k_new)
     bits = ops.pack_mask(allowed)
-    ref = ops.get("tree_attention", "torch")(q, k_cache, v_cache, table, ctx, k_new, v_new, bits, scale)
+    ref = ops.tree_attention(q, k_cache, v_cache, table, ctx, k_new, v_new, bits, scale)
 
     kd = torch.cat([gather(k_cache, table, ctx), k_new.transpose(0, 1)], dim=1).unsqueeze(0)
     vd = torch.cat([gather(v_cache, table, ctx), v_new.transpose(0, 1)], dim=1).unsqueeze(0)
@@ -284,9 +285,9 @@ def bench_tree(model, shape, ctx, nodes, pseudo, impls, timer, dtype, device) ->
     nbytes = 2 * (ctx + t) * kv_heads * d * elt + 2 * q.numel() * elt + bits.numel() * 8
     rows = []
     for name, backend in impls.items():
-        fn = ops.get("tree_attention", backend)
-        if backend != "torch" and fn is ops.get("tree_attention", "torch"):
+        if "tree_attention" in backend.fallbacks:
             continue
+        fn = backend.op("tree_attention")
         out = torch.empty_like(q)
         us = timer(
             lambda fn=fn, out=out: fn(q, k_cache, v_cache, table, ctx, k_new, v_new, bits, scale, out=out)

@@ -61,7 +61,7 @@ else
   status=1
   BENCH_JIT="--jit"
 fi
-"$PY" -c "from firp_engine import ops; print('available backends:', ops.available_backends())"
+"$PY" -c "from firp_engine.backend import available_backends; print('available backends:', available_backends())"
 
 section "tests"
 if [[ -n "${SKIP_TESTS:-}" ]]; then

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from firp_engine import ops
-from firp_engine.errors import FirpError
+from firp_engine.backend import Backend
 
 D_MODEL, N_HEADS, N_KV, HEAD_DIM, FFN, VOCAB = 576, 9, 3, 64, 1536, 49152
 CONTEXT, TREE_NODES, PSEUDO, BLOCK = 1024, 16, 48, 16
@@ -36,7 +36,7 @@ M_VALUES = (1, 2, 4, 8, 16, 32, 64)
 
 def timeit(fn: Callable[[], object], min_time: float = 0.2, min_samples: int = 5) -> float:
     """Seconds per call: the fastest of many short samples (each >= ~50 us of calls), so that
-    a sample the OS scheduler interrupted (the machine is shared) does not count."""
+    a sample the OS scheduler interrupted (e.g. on a shared machine) does not count."""
     fn()
     t0 = time.perf_counter()
     fn()
@@ -131,30 +131,32 @@ def op_cases(dt: torch.dtype) -> list[tuple[str, str, tuple, int]]:
     ]
 
 
-def bench_ops(dt: torch.dtype, backend: str) -> list[dict]:
+def bench_ops(dt: torch.dtype, b: Backend) -> list[dict]:
     rows = []
     for label, op, args, moved in op_cases(dt):
-        ref = timeit(lambda op=op, args=args: ops.get(op, "torch")(*args))
-        fast = timeit(lambda op=op, args=args: ops.get(op, backend)(*args))
+        if op in b.fallbacks:
+            continue  # no kernel: it would time the reference against itself
+        ref = timeit(lambda op=op, args=args: ops.REFERENCES[op](*args))
+        fast = timeit(lambda op=op, args=args: b.op(op)(*args))
         rows.append(
             {
                 "op": label,
                 "torch_ms": ref * 1e3,
-                f"{backend}_ms": fast * 1e3,
+                f"{b.name}_ms": fast * 1e3,
                 "speedup": ref / fast,
                 "torch_GBps": moved / ref / 1e9,
-                f"{backend}_GBps": moved / fast / 1e9,
+                f"{b.name}_GBps": moved / fast / 1e9,
             }
         )
     return rows
 
 
-def bench_linear(dt: torch.dtype, backend: str) -> list[dict]:
+def bench_linear(dt: torch.dtype, b: Backend) -> list[dict]:
     rows = []
     for name, (n, k) in LINEAR_SHAPES.items():
         w = torch.randn(n, k, dtype=dt) / math.sqrt(k)
-        packed = ops.get("pack_linear", backend)(w)
-        lin = ops.get("linear", backend)
+        packed = b.op("pack_linear")(w)
+        lin = b.op("linear")
         for m in M_VALUES:
             x = torch.randn(m, k, dtype=dt)
             # the reference gets fewer repeats: its bf16 path is slow on large M
@@ -165,9 +167,9 @@ def bench_linear(dt: torch.dtype, backend: str) -> list[dict]:
                     "weight": name,
                     "M": m,
                     "torch_ms": ref * 1e3,
-                    f"{backend}_ms": fast * 1e3,
+                    f"{b.name}_ms": fast * 1e3,
                     "torch_GBps": nbytes(w) / ref / 1e9,
-                    f"{backend}_GBps": nbytes(w) / fast / 1e9,
+                    f"{b.name}_GBps": nbytes(w) / fast / 1e9,
                 }
             )
     return rows
@@ -194,23 +196,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.backend not in ops.available_backends():
-        raise FirpError(f"backend '{args.backend}' is not available (build it first)")
+    chosen = Backend.create(args.backend)  # FirpError: not available here
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    isa = ""
-    if args.backend == "cpu":
-        from firp_engine import _C
-
-        isa = _C.cpu_isa
+    isa = chosen.isa or ""
     bw = copy_bandwidth()
     print(
         f"# kernels: {args.backend} ({isa}) vs torch, {args.dtype}, {args.threads} threads, "
         f"copy bandwidth {bw:.1f} GB/s\n"
     )
-    op_rows = bench_ops(dt, args.backend)
+    op_rows = bench_ops(dt, chosen)
     b = args.backend
     print(table(op_rows, ["op", "torch_ms", f"{b}_ms", "speedup", "torch_GBps", f"{b}_GBps"]))
-    lin_rows = [] if args.skip_linear else bench_linear(dt, b)
+    lin_rows = [] if args.skip_linear or "linear" in chosen.fallbacks else bench_linear(dt, chosen)
     if lin_rows:
         for r in lin_rows:
             r["pct_of_copy_bw"] = 100 * r[f"{b}_GBps"] / bw

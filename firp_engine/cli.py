@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from firp_engine.errors import FirpError
@@ -16,7 +17,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     p.add_argument(
-        "--backend", choices=["torch", "cpu", "triton", "cuda"], help="default: $FIRP_BACKEND or best"
+        "--backend",
+        choices=["torch", "cpu", "triton", "cuda"],
+        help="default: $FIRP_BACKEND, else cpu when the C++ extension is built, else torch",
     )
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--kv-blocks", type=int, default=None, help="KV pool size in 16-token blocks")
@@ -63,14 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(c)
     _decode_args(c)
 
-    i = sub.add_parser("info", help="model config, parameter count, dtype, backend, KV pool")
+    i = sub.add_parser("info", help="model config, dtype, backend, device, fallbacks, memory")
     _model_args(i)
 
     t = sub.add_parser("train-head", help="train a FIRP (or Medusa) draft head")
-    from firp_engine.firp import train
+    from firp_engine.firp import train_cli
 
-    train.add_arguments(t)
-    t.add_argument("--method", choices=["firp", "medusa"], default="firp", help="draft head kind")
+    train_cli.add_arguments(t)
 
     b = sub.add_parser("bench", help="Spec-Bench: speedup and acceptance of methods over ar")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of benchmarks/spec_bench.py")
@@ -194,20 +196,43 @@ def cmd_chat(args) -> None:
         messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
+def resident_bytes() -> int | None:
+    """This process's resident memory (VmRSS of /proc/self/status; None where there is none)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def cmd_info(args) -> None:
+    import torch
+
     llm = _llm(args)
-    cfg = llm.config
+    cfg, b = llm.config, llm.backend
+    rss = resident_bytes()
     info = {
-        "source": llm.ckpt.source,
-        "fingerprint": llm.ckpt.fingerprint(),
+        "source": str(llm.source),
+        "fingerprint": llm.fingerprint,
         "parameters": cfg.n_params(),
         "dtype": llm.dtype,
-        "backend": llm.backend,
+        "backend": b.name,
+        "device": str(b.device),
+        "cpu_isa": b.isa,  # the extension's SIMD path (cpu backend)
+        "threads": torch.get_num_threads(),
+        "fallbacks": list(b.fallbacks),  # ops the torch reference runs
+        "memory_MiB": {
+            "resident": None if rss is None else round(rss / 2**20, 1),
+            "weights": round(llm.model.weight_bytes() / 2**20, 1),
+            "kv_pool": round(llm.cache.bytes() / 2**20, 1),
+        },
         "kv_pool": {
             "blocks": llm.cache.num_blocks,
             "block_size": llm.cache.block_size,
             "tokens": llm.cache.num_blocks * llm.cache.block_size,
-            "MiB": round(llm.cache.bytes() / 2**20, 1),
         },
         "max_context": llm.max_context,
         "config": {k: v for k, v in cfg.__dict__.items()},
@@ -225,14 +250,24 @@ def cmd_bench(args) -> None:
     runpy.run_path(str(script), run_name="__main__")
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"firp: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # None: sys.argv (train-head records the command in the head's JSON)
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning  # one line each, like the errors
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         if args.cmd == "train-head":
-            from firp_engine.firp import train
+            from firp_engine.firp import train_cli
 
-            train.run(args)
+            train_cli.run(args)
         else:
             {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench}[args.cmd](args)
     except FirpError as e:

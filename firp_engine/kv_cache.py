@@ -2,13 +2,15 @@
 
 A sequence owns a list of block ids (its page table). Token t of a sequence lives at
 slot `page_table[t // block_size] * block_size + t % block_size` in every layer's pool.
+The pool, page tables and slots live on the backend's device; the bookkeeping (which
+blocks are free, which a sequence owns) is plain Python.
 """
 
 from __future__ import annotations
 
 import torch
 
-from firp_engine import ops
+from firp_engine.backend import Backend
 from firp_engine.errors import FirpError
 
 
@@ -25,7 +27,7 @@ class Sequence:
     def page_table(self) -> torch.Tensor:
         """int32 [n_pages], rebuilt only when the pages change."""
         if self._table is None:
-            self._table = torch.tensor(self.pages or [0], dtype=torch.int32)
+            self._table = torch.tensor(self.pages or [0], dtype=torch.int32, device=self.cache.device)
         return self._table
 
     def reserve(self, n_tokens: int) -> None:
@@ -39,9 +41,8 @@ class Sequence:
     def slots(self, start: int, n: int) -> torch.Tensor:
         """int64 slots of token positions [start, start + n)."""
         bs = self.cache.block_size
-        pos = torch.arange(start, start + n)
-        table = torch.tensor(self.pages, dtype=torch.int64)
-        return table[pos // bs] * bs + pos % bs
+        slots = [self.pages[t // bs] * bs + t % bs for t in range(start, start + n)]
+        return torch.tensor(slots, dtype=torch.int64, device=self.cache.device)
 
     def truncate(self, n_tokens: int) -> None:
         """Forget tokens from n_tokens on, returning whole pages no longer needed."""
@@ -58,8 +59,8 @@ class Sequence:
         k_scratch/v_scratch [L, S, Hkv, D]."""
         self.reserve(self.length + len(rows))
         dst = self.slots(self.length, len(rows))
-        src = torch.tensor(rows, dtype=torch.int64)
-        ops.call("kv_commit", self.cache.k, self.cache.v, k_scratch, v_scratch, src, dst)
+        src = torch.tensor(rows, dtype=torch.int64, device=self.cache.device)
+        self.cache.backend.call("kv_commit", self.cache.k, self.cache.v, k_scratch, v_scratch, src, dst)
         self.length += len(rows)
 
     def free(self) -> None:
@@ -67,22 +68,27 @@ class Sequence:
 
 
 class KVCache:
+    """The pool: k, v [L, num_blocks, block_size, Hkv, D] on the backend's device."""
+
     def __init__(
         self,
         n_layers: int,
         n_kv_heads: int,
         head_dim: int,
         num_blocks: int,
-        block_size: int = 16,
-        dtype: torch.dtype = torch.float32,
+        block_size: int,
+        dtype: torch.dtype,
+        backend: Backend,
     ) -> None:
         if num_blocks < 1:
             raise FirpError("KV pool needs at least one block")
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.backend = backend
+        self.device = backend.device
         shape = (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
 
     @property

@@ -6,6 +6,7 @@ tensors come back as fp32 and the model casts them once to the run's dtype.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import json
@@ -61,23 +62,27 @@ def default_model_path() -> Path:
     return path
 
 
-_LOADED: dict[tuple[str, float], Checkpoint] = {}
-
-
 def load(model: str | Path | None = None) -> Checkpoint:
-    """Load a checkpoint (cached per process: its tensors are never modified in place)."""
+    """Read a checkpoint (None: the default model). Nothing is cached: the caller holds the
+    fp32 tensors only as long as it needs them (`LLM` drops them once the model is cast)."""
     path = Path(model) if model else default_model_path()
     if not path.exists():
         raise FirpError(f"model not found: {path}")
-    key = (str(path.resolve()), path.stat().st_mtime)
-    if key not in _LOADED:
-        if path.is_dir():
-            _LOADED[key] = load_hf_folder(path)
-        elif path.suffix != ".gguf":
-            raise FirpError(f"{path}: expected a .gguf file or a Hugging Face model folder")
-        else:
-            _LOADED[key] = load_gguf(path)
-    return _LOADED[key]
+    if path.is_dir():
+        return load_hf_folder(path)
+    if path.suffix != ".gguf":
+        raise FirpError(f"{path}: expected a .gguf file or a Hugging Face model folder")
+    return load_gguf(path)
+
+
+def release_freed_memory() -> None:
+    """Give the heap pages freed by dropping a checkpoint back to the OS. glibc keeps freed
+    pages for reuse, so without this the process's resident memory still counts the fp32
+    tensors long after they are gone. A no-op where the C library is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # ---------------------------------------------------------------- GGUF

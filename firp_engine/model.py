@@ -3,7 +3,8 @@
 One `Batch` serves every caller: prefill chunks and decode steps of several sequences,
 FIRP trees (scratch K/V, per-row bit masks) and FIRP's pseudo rows entering at layer l.
 A layer is `run_layer(i, h, positions, attend)`: the attention strategy is a callable,
-so training can plug in a dense masked attention over the same weights.
+so training can plug in a dense masked attention over the same weights. Every op runs
+through the model's `Backend`, and every tensor the model makes lives on its device.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from firp_engine import ops
+from firp_engine.backend import Backend
 from firp_engine.config import ModelConfig, rope_tables
 from firp_engine.kv_cache import KVCache, Sequence
 from firp_engine.loading import Checkpoint
@@ -24,12 +26,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class Linear:
     """A weight [N, K] plus the backend's packed copy of it (made once)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, backend: Backend) -> None:
         self.weight = weight.contiguous()
-        self.packed = ops.get("pack_linear")(self.weight)  # not ops.call: packing is never autograd
+        self.backend = backend
+        self.packed = backend.op("pack_linear")(self.weight)  # not call(): packing is never autograd
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.call("linear", x, self.weight, self.packed)
+        return self.backend.call("linear", x, self.weight, self.packed)
 
 
 @dataclass
@@ -50,6 +53,7 @@ class SeqRows:
     start: int
     end: int
     mask_bits: torch.Tensor | None = None  # int64 [end-start, W] over these new rows; None = causal
+    scratch_start: int = 0  # tree batches: where these rows' K/V go in Batch.scratch
 
 
 @dataclass
@@ -72,64 +76,82 @@ class Batch:
         """Padded page tables [B, P] int32 and context lengths [B] int32 (computed once per step)."""
         if self._decode_meta is None:
             n_pages = max(len(s.seq.pages) for s in self.seqs)
-            tables = torch.zeros(len(self.seqs), n_pages, dtype=torch.int32)
-            for b, s in enumerate(self.seqs):
-                tables[b, : len(s.seq.pages)] = s.seq.page_table
-            lens = torch.tensor([s.seq.length + 1 for s in self.seqs], dtype=torch.int32)
+            rows = [s.seq.pages + [0] * (n_pages - len(s.seq.pages)) for s in self.seqs]
+            dev = self.seqs[0].seq.cache.device
+            tables = torch.tensor(rows, dtype=torch.int32, device=dev)
+            lens = torch.tensor([s.seq.length + 1 for s in self.seqs], dtype=torch.int32, device=dev)
             self._decode_meta = (tables, lens)
         return self._decode_meta
 
 
-def causal_bits(n: int) -> torch.Tensor:
-    return ops.pack_mask(torch.ones(n, n, dtype=torch.bool).tril())
+def causal_bits(n: int, device: torch.device) -> torch.Tensor:
+    return ops.pack_mask(torch.ones(n, n, dtype=torch.bool, device=device).tril())
 
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Transformer:
-    def __init__(self, ckpt: Checkpoint, dtype: str = "fp32") -> None:
+    """The weights, cast to the run dtype on the backend's device (no reference to the
+    checkpoint is kept), and the forward. backend None: the torch reference on the CPU."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: str = "fp32", backend: Backend | None = None) -> None:
         self.cfg: ModelConfig = ckpt.config
         self.dtype = DTYPES[dtype]
-        w = {k: v.to(self.dtype) for k, v in ckpt.weights.items()}
+        # Which kernels run this model's shapes is settled here, once (Backend.for_model).
+        self.backend = (backend or Backend.create("torch")).for_model(self.cfg, self.dtype)
+        self.device = self.backend.device
+        w = {k: v.to(self.device, self.dtype) for k, v in ckpt.weights.items()}
         cfg = self.cfg
         self.embed = w["model.embed_tokens.weight"]
         self.norm = w["model.norm.weight"]
-        self.lm_head = Linear(self.embed if cfg.tie_embeddings else w["lm_head.weight"])
+        self.lm_head = Linear(self.embed if cfg.tie_embeddings else w["lm_head.weight"], self.backend)
         self.layers = [self._layer(w, f"model.layers.{i}.") for i in range(cfg.n_layers)]
-        self.cos, self.sin = rope_tables(cfg, cfg.max_position)
+        self.cos, self.sin = (t.to(self.device) for t in rope_tables(cfg, cfg.max_position))
         self.scale = cfg.head_dim**-0.5
         self.q_size = cfg.n_heads * cfg.head_dim
         self.kv_size = cfg.n_kv_heads * cfg.head_dim
         self.cache: KVCache | None = None
 
-    @staticmethod
-    def _layer(w: dict[str, torch.Tensor], p: str) -> LayerWeights:
+    def _layer(self, w: dict[str, torch.Tensor], p: str) -> LayerWeights:
         qkv = torch.cat([w[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
         gate_up = torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])
         return LayerWeights(
             attn_norm=w[p + "input_layernorm.weight"],
-            wqkv=Linear(qkv),
-            wo=Linear(w[p + "self_attn.o_proj.weight"]),
+            wqkv=Linear(qkv, self.backend),
+            wo=Linear(w[p + "self_attn.o_proj.weight"], self.backend),
             ffn_norm=w[p + "post_attention_layernorm.weight"],
-            w_gate_up=Linear(gate_up),
-            w_down=Linear(w[p + "mlp.down_proj.weight"]),
+            w_gate_up=Linear(gate_up, self.backend),
+            w_down=Linear(w[p + "mlp.down_proj.weight"], self.backend),
         )
 
     def new_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:
         cfg = self.cfg
-        self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks, block_size, self.dtype)
+        self.cache = KVCache(
+            cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks, block_size, self.dtype, self.backend
+        )
         return self.cache
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights held: run dtype, the backend's packed copies included (on the
+        cpu backend the GEMM kernels read a re-laid-out copy), tensors shared counted once."""
+        tensors = [self.embed, self.norm, self.lm_head.weight, self.lm_head.packed]
+        for lw in self.layers:
+            tensors += [lw.attn_norm, lw.ffn_norm]
+            for lin in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down):
+                tensors += [lin.weight, lin.packed]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
 
     # ------------------------------------------------------------ one layer
 
     def run_layer(self, i: int, h: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """h [T, d] -> [T, d]. Out of place when autograd is on (training), fused in place otherwise."""
-        cfg, lw = self.cfg, self.layers[i]
-        x = ops.call("rms_norm", h, lw.attn_norm, cfg.rms_eps)
+        cfg, lw, call = self.cfg, self.layers[i], self.backend.call
+        x = call("rms_norm", h, lw.attn_norm, cfg.rms_eps)
         q, k, v = lw.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         t = h.shape[0]
-        q, k = ops.call(
+        q, k = call(
             "rope",
             q.reshape(t, cfg.n_heads, cfg.head_dim),
             k.reshape(t, cfg.n_kv_heads, cfg.head_dim),
@@ -141,35 +163,36 @@ class Transformer:
         a = lw.wo(o.reshape(t, self.q_size))
         if torch.is_grad_enabled():
             h = h + a
-            x = ops.call("rms_norm", h, lw.ffn_norm, cfg.rms_eps)
+            x = call("rms_norm", h, lw.ffn_norm, cfg.rms_eps)
         else:
-            x, h = ops.call("add_rms_norm", a, h, lw.ffn_norm, cfg.rms_eps)
-        m = lw.w_down(ops.call("silu_mul", lw.w_gate_up(x)))
+            x, h = call("add_rms_norm", a, h, lw.ffn_norm, cfg.rms_eps)
+        m = lw.w_down(call("silu_mul", lw.w_gate_up(x)))
         return h + m if torch.is_grad_enabled() else h.add_(m)
 
     # ------------------------------------------------------------ the batch forward
 
     def paged_attend(self, batch: Batch) -> Attend:
         """Attention over the paged cache for `batch` (decode, prefill or tree)."""
-        cache = self.cache
+        cache, call = self.cache, self.backend.call
         assert cache is not None, "call new_cache() first"
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kc, vc = cache.k[i], cache.v[i]
             if batch.scratch is not None:
-                t = q.shape[0]
-                batch.scratch[0][i, :t] = k
-                batch.scratch[1][i, :t] = v
+                for s in batch.seqs:
+                    rows = slice(s.scratch_start, s.scratch_start + s.end - s.start)
+                    batch.scratch[0][i, rows] = k[s.start : s.end]
+                    batch.scratch[1][i, rows] = v[s.start : s.end]
             if batch.slots is not None:
-                ops.call("write_kv", kc, vc, k, v, batch.slots)
+                call("write_kv", kc, vc, k, v, batch.slots)
             if batch.kind == "decode":
                 tables, lens = batch.decode_meta()
-                return ops.call("paged_decode_attention", q, kc, vc, tables, lens, self.scale)
+                return call("paged_decode_attention", q, kc, vc, tables, lens, self.scale)
             out = torch.empty_like(q)
             for s in batch.seqs:
                 n = s.end - s.start
-                bits = causal_bits(n) if s.mask_bits is None else s.mask_bits
-                ops.call(
+                bits = causal_bits(n, self.device) if s.mask_bits is None else s.mask_bits
+                call(
                     "tree_attention",
                     q[s.start : s.end],
                     kc,
@@ -186,8 +209,9 @@ class Transformer:
 
         return attend
 
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed[ids]
+    def embed_tokens(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Token ids (a list or a tensor) -> their embedding rows [T, d] on the model's device."""
+        return self.embed[torch.as_tensor(ids, device=self.device)]
 
     def forward(self, batch: Batch, h: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Run layers [start, end) on hidden rows h [T, d] (embed_tokens() for layer 0)."""
@@ -198,7 +222,7 @@ class Transformer:
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """The model's last RMSNorm: h [T, d] -> [T, d] (what the LM head reads)."""
-        return ops.call("rms_norm", h, self.norm, self.cfg.rms_eps)
+        return self.backend.call("rms_norm", h, self.norm, self.cfg.rms_eps)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: h [T, d] -> fp32 logits [T, V]."""

@@ -1,10 +1,10 @@
-"""Op dispatch: one table from each op to its backends, plus the PyTorch references.
+"""The ops: a PyTorch reference for each, and the table of kernels that backends register.
 
-Every op has a `torch` implementation here (the reference, runs everywhere). Other
-backends (`cpu` = our C++ in `csrc/cpu`, `triton` = `kernels/`, `cuda` = `csrc/cuda`)
-register faster versions from `firp_engine/backends/<name>.py`; an op a backend lacks
-falls back to the reference. The backend is chosen once per run (`set_backend`,
-`--backend`, or the `FIRP_BACKEND` environment variable).
+Every op has its reference here: it runs on any device, and it is what training runs (its
+torch ops have gradients). A backend module (`firp_engine/backends/<name>.py`: `cpu` = our
+C++ in `csrc/cpu`, `triton` = `kernels/`, `cuda` = `csrc/cuda`) registers its kernels into
+`KERNELS[name]` when imported. Nothing here chooses between them: a `Backend` object
+(`firp_engine/backend.py`) decides once, per model, which implementation runs each op.
 
 Shapes used throughout (one layer's cache is `k_cache[l]`):
     k_cache, v_cache   [L, num_blocks, block_size, n_kv_heads, head_dim]
@@ -14,80 +14,32 @@ Shapes used throughout (one layer's cache is `k_cache[l]`):
 
 from __future__ import annotations
 
-import importlib
-import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from firp_engine.errors import FirpError
+# op -> its PyTorch reference; backend name -> op -> that backend's kernel.
+REFERENCES: dict[str, Callable] = {}
+KERNELS: dict[str, dict[str, Callable]] = {}
 
-BACKENDS = ("torch", "cpu", "triton", "cuda")
-_TABLE: dict[str, dict[str, Callable]] = {}
-_active = "torch"
+
+def reference(fn: Callable) -> Callable:
+    """Declare fn as the reference of the op of its name."""
+    REFERENCES[fn.__name__] = fn
+    return fn
 
 
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Declare fn as `backend`'s kernel for `op` (it takes the reference's exact arguments)."""
+    if op not in REFERENCES:
+        raise KeyError(f"no op named {op!r}")
+
     def deco(fn: Callable) -> Callable:
-        _TABLE.setdefault(op, {})[backend] = fn
+        KERNELS.setdefault(backend, {})[op] = fn
         return fn
 
     return deco
-
-
-def _load_backend(name: str) -> None:
-    if name == "torch":
-        return
-    try:
-        importlib.import_module(f"firp_engine.backends.{name}")
-    except (ImportError, OSError, RuntimeError) as e:
-        raise FirpError(f"backend '{name}' is not available here: {e}") from None
-
-
-def available_backends() -> list[str]:
-    """Backends whose module imports on this machine (torch always)."""
-    out = []
-    for name in BACKENDS:
-        try:
-            _load_backend(name)
-            out.append(name)
-        except FirpError:
-            pass
-    return out
-
-
-def set_backend(name: str | None = None) -> str:
-    """Select the backend for this run; None reads FIRP_BACKEND, else the best available."""
-    global _active
-    if name is None:
-        name = os.environ.get("FIRP_BACKEND") or default_backend()
-    if name not in BACKENDS:
-        raise FirpError(f"unknown backend '{name}' (choose from {', '.join(BACKENDS)})")
-    _load_backend(name)
-    _active = name
-    return name
-
-
-def default_backend() -> str:
-    return "cpu" if "cpu" in available_backends() else "torch"
-
-
-def active_backend() -> str:
-    return _active
-
-
-def get(op: str, backend: str | None = None) -> Callable:
-    impls = _TABLE[op]
-    return impls.get(backend or _active) or impls["torch"]
-
-
-def call(op: str, *args, **kwargs):
-    """Run `op` on the active backend; with autograd on (training) always the reference."""
-    impls = _TABLE[op]
-    if torch.is_grad_enabled():
-        return impls["torch"](*args, **kwargs)
-    return (impls.get(_active) or impls["torch"])(*args, **kwargs)
 
 
 def _out(out: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
@@ -100,7 +52,7 @@ def _out(out: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- references
 
 
-@register("rms_norm", "torch")
+@reference
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out=None) -> torch.Tensor:
     """x [T, d] -> [T, d]; fp32 statistics, cast back before the weight (as HF does)."""
     xf = x.float()
@@ -108,7 +60,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out=None) -> tor
     return _out(out, y)
 
 
-@register("add_rms_norm", "torch")
+@reference
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +69,7 @@ def add_rms_norm(
     return rms_norm(residual, weight, eps), residual
 
 
-@register("rope", "torch")
+@reference
 def rope(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,26 +86,26 @@ def rope(
     return rot(q), rot(k)
 
 
-@register("silu_mul", "torch")
+@reference
 def silu_mul(gate_up: torch.Tensor, out=None) -> torch.Tensor:
     """gate_up [T, 2F] -> silu(gate) * up, [T, F]."""
     g, u = gate_up.chunk(2, dim=-1)
     return _out(out, F.silu(g) * u)
 
 
-@register("pack_linear", "torch")
+@reference
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:
     """Backend-specific weight layout, made once at load time. weight [N, K]."""
     return weight
 
 
-@register("linear", "torch")
+@reference
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: object) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T -> [M, N]; `packed` is what pack_linear returned."""
     return F.linear(x, weight)
 
 
-@register("write_kv", "torch")
+@reference
 def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
 ) -> None:
@@ -183,7 +135,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     return torch.einsum("hts,shd->thd", probs, vf).to(q.dtype)
 
 
-@register("paged_decode_attention", "torch")
+@reference
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -222,7 +174,7 @@ def pack_mask(allowed: torch.Tensor) -> torch.Tensor:
     return (padded.view(t, w, 64) << shifts).sum(-1)  # int64 wraps like uint64 bits
 
 
-@register("tree_attention", "torch")
+@reference
 def tree_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -253,7 +205,7 @@ def tree_attention(
     return _out(out, attend(q, k, v, allowed, scale))
 
 
-@register("firp_project", "torch")
+@reference
 def firp_project(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -266,7 +218,7 @@ def firp_project(
     return _out(out, y.reshape(n * weight.shape[0], d).to(h.dtype))
 
 
-@register("kv_commit", "torch")
+@reference
 def kv_commit(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,

