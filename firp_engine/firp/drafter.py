@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from firp_engine.errors import FirpError
+from firp_engine.firp.budget import cost_curve, plan
 from firp_engine.firp.head import FirpHead, resolve_head
 from firp_engine.firp.pseudo import PseudoLayout, parse_policy, spawning
 from firp_engine.scheduler import State
@@ -42,9 +43,11 @@ class FirpDrafter:
         self.weight = h.weight.detach().to(self.model.dtype, copy=True).to(self.model.device)
         self.bias = h.bias.detach().to(self.model.dtype, copy=True).to(self.model.device)
         self.layer, self.k = h.layer, h.k
+        acc = [list(r) for r in (acc or h.meta.get("acc") or default_acc(self.k))][: self.k]
+        if tree_budget is None and pseudo_policy is None:  # the machine decides (firp/budget.py)
+            tree_budget, pseudo_policy, _ = plan(acc, self.k, cost_curve(llm))
         budget, default_policy = default_tree(self.model.device)
         policy, top = parse_policy(pseudo_policy or default_policy)
-        acc = [list(r) for r in (acc or h.meta.get("acc") or default_acc(self.k))][: self.k]
         self.width = min(max(len(r) for r in acc), cfg.vocab_size)  # candidates kept per offset
 
         self.policy, self.top = policy, top

@@ -1,0 +1,162 @@
+"""The draft tree's size from the machine: a step's cost curve, and the budget it favours.
+
+Speedup = tokens per step / step cost. Both depend on the tree: more nodes accept more
+tokens, but every row costs compute once the small-M kernels stop being bandwidth-bound,
+which happens at 2 rows on one CPU and at 64 on another. So the default budget is chosen
+per machine, from measurement:
+
+1. `cost_curve`: the forward of 1, 2, 4 ... 64 rows of one sequence over a 256-token
+   prefix, timed (median of a few runs) relative to 1 row; measured once per machine,
+   model, dtype, backend and thread count, and cached in ~/.cache/firp-engine/.
+2. `plan`: for each node budget and pseudo-row policy, the expected tokens per step under
+   the head's acceptance table, with the fallback trees a non-spawning accepted node leads
+   to (a Markov chain over "which tree comes next"), divided by the expected step cost
+   from the curve. The best pair wins. The user's --tree-budget / --pseudo-policy override.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from firp_engine.firp.pseudo import PseudoLayout, spawning
+from firp_engine.spec.tree import DraftTree
+
+ROWS = (1, 2, 4, 8, 16, 32, 64)
+BUDGETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
+POLICIES = (("top", 1), ("top", 2), ("top", 4), ("all", 0))
+CACHE = Path(os.environ.get("FIRP_CACHE", Path.home() / ".cache" / "firp-engine"))
+
+
+def cost_at(curve: dict[int, float], rows: int) -> float:
+    """Relative cost of a forward of `rows` rows, interpolated linearly (extrapolated past 64)."""
+    pts = sorted(curve.items())
+    for (r0, c0), (r1, c1) in zip(pts, pts[1:], strict=False):
+        if rows <= r1:
+            return c0 + (c1 - c0) * (rows - r0) / (r1 - r0) if rows > r0 else c0
+    (r0, c0), (r1, c1) = pts[-2], pts[-1]
+    return c1 + (c1 - c0) * (rows - r1) / (r1 - r0)
+
+
+def _cache_file(llm) -> Path:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    be = llm.backend
+    key = f"{cpu}|{be.name}|{be.isa}|{be.device}|{llm.fingerprint}|{llm.dtype}|{torch.get_num_threads()}"
+    return CACHE / f"cost_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+@torch.inference_mode()
+def measure(llm, prefix: int = 256, reps: int = 5) -> dict[int, float]:
+    """{rows: ms} for one tree forward of that many rows (causal among themselves)."""
+    from firp_engine.generate import prefill
+    from firp_engine.model import Batch, SeqRows
+    from firp_engine.ops import pack_mask
+
+    model, dev = llm.model, llm.model.device
+    seq = llm.cache.new_sequence()
+    n = min(prefix, llm.max_context - max(ROWS) - 1)
+    g = torch.Generator().manual_seed(0)
+    prefill(model, seq, torch.randint(0, llm.config.vocab_size, (n,), generator=g).tolist(), 512)
+    rows = max(ROWS)
+    cfg = model.cfg
+    scratch = tuple(
+        torch.empty(cfg.n_layers, rows, cfg.n_kv_heads, cfg.head_dim, dtype=model.dtype, device=dev)
+        for _ in "kv"
+    )
+    out = {}
+    try:
+        for r in ROWS:
+            bits = pack_mask(torch.ones(r, r, dtype=torch.bool).tril()).to(dev)
+            batch = Batch(
+                torch.arange(n, n + r, device=dev), [SeqRows(seq, 0, r, bits)], "tree", scratch=scratch
+            )
+            x = model.embed_tokens(list(range(r)))
+            times = []
+            for _ in range(reps + 1):  # the first run warms caches up
+                t = time.perf_counter()
+                model.logits(model.forward(batch, x))
+                times.append(time.perf_counter() - t)
+            out[r] = 1e3 * sorted(times[1:])[reps // 2]
+    finally:
+        seq.free()
+    return out
+
+
+def cost_curve(llm) -> dict[int, float]:
+    """The cached curve {rows: ms} for this machine and model, measured on first use."""
+    path = _cache_file(llm)
+    try:
+        return {int(r): ms for r, ms in json.loads(path.read_text())["ms"].items()}
+    except (OSError, ValueError, KeyError):
+        pass
+    ms = measure(llm)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"ms": ms, "measured": time.strftime("%Y-%m-%d %H:%M")}))
+    except OSError:
+        pass  # a read-only home: measure again next time
+    return ms
+
+
+def steady_rate(
+    acc: list[list[float]], k: int, budget: int, policy: tuple[str, int], curve
+) -> tuple[float, float]:
+    """(expected tokens per step, expected step cost relative to one row) for a static tree
+    of `budget` nodes under `policy`, in the steady state of which tree each step uses."""
+    name, top = policy
+    full = DraftTree.build(acc, budget)
+    trees = {0: full} | {d: DraftTree.chain(min(max(0, k - d), len(acc))) for d in range(1, k + 1)}
+    lays = {d: PseudoLayout(t, 1, k, spawning(t, name, top)) for d, t in trees.items()}
+    # P(path ends at node j) = value(j) - sum of its children's values; where it ends picks
+    # the next tree (delta = levels below its deepest spawning ancestor).
+    trans, tokens, cost = {}, {}, {}
+    for d, lay in lays.items():
+        t = lay.tree
+        values = [_chain_value(acc, nd.depth, d) if d else nd.value for nd in t.nodes]
+        ends = [values[j] - sum(values[c] for c in t.children[j]) for j in range(t.n)]
+        tokens[d] = 1.0 + sum(values[1:])
+        cost[d] = cost_at(curve, lay.n_rows) / curve[1]
+        nxt: dict[int, float] = {}
+        for j, p in enumerate(ends):
+            delta = lay.source[j][1]
+            nxt[delta] = nxt.get(delta, 0.0) + p
+        trans[d] = nxt
+    pi = {0: 1.0}  # the first full tree; iterate to the stationary mix
+    for _ in range(50):
+        new: dict[int, float] = {}
+        for d, p in pi.items():
+            for d2, q in trans[d].items():
+                new[d2] = new.get(d2, 0.0) + p * q
+        pi = new
+    return sum(p * tokens[d] for d, p in pi.items()), sum(p * cost[d] for d, p in pi.items())
+
+
+def _chain_value(acc: list[list[float]], depth: int, delta: int) -> float:
+    """A fallback chain drafted from offsets delta+1.. of an ancestor's pseudo rows: its node
+    at depth t is accepted with the rank-0 rates of offsets delta+1 .. delta+t."""
+    v = 1.0
+    for i in range(delta, delta + depth):
+        v *= acc[i][0] if i < len(acc) else 0.0
+    return v
+
+
+def plan(acc: list[list[float]], k: int, curve: dict[int, float]) -> tuple[int, str, float]:
+    """(budget, policy, expected speedup over one-row steps) maximising tokens per cost."""
+    best = (1, "top:1", 0.0)
+    for b in BUDGETS:
+        for name, top in POLICIES:
+            tau, cost = steady_rate(acc, k, b, (name, top), curve)
+            if tau / cost > best[2] + 1e-9:
+                best = (b, "all" if name == "all" else f"top:{top}", tau / cost)
+    return best
