@@ -235,9 +235,31 @@ def cmd_info(args) -> None:
             "tokens": llm.cache.num_blocks * llm.cache.block_size,
         },
         "max_context": llm.max_context,
+        "draft_tree": _draft_tree_info(llm),
         "config": {k: v for k, v in cfg.__dict__.items()},
     }
     print(json.dumps(info, indent=2, default=str))
+
+
+def _draft_tree_info(llm) -> dict:
+    """This machine's step cost curve and the FIRP tree it picks (firp/budget.py)."""
+    from firp_engine.firp.budget import cost_curve, plan
+    from firp_engine.firp.head import FirpHead, resolve_head
+    from firp_engine.spec.tree import default_acc
+
+    try:
+        head = resolve_head(llm, None, FirpHead, "firp")
+    except FirpError as e:
+        return {"note": str(e)}
+    curve = cost_curve(llm)
+    acc = [list(r) for r in head.meta.get("acc") or default_acc(head.k)][: head.k]
+    budget, policy, speedup = plan(acc, head.k, curve)
+    return {
+        "cost_ms_by_rows": {r: round(ms, 2) for r, ms in curve.items()},
+        "firp_tree_budget": budget,
+        "firp_pseudo_policy": policy,
+        "expected_speedup": round(speedup, 2),
+    }
 
 
 def cmd_bench(args) -> None:
