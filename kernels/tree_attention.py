@@ -169,8 +169,10 @@ def tree_attention(
     g, n_new = h // hk, k_new.shape[0]
     for name, x in (("q", q), ("k_cache", k_cache), ("k_new", k_new), ("mask_bits", mask_bits)):
         check_last_dim_contiguous(name, x)
-    if v_cache.stride() != k_cache.stride() or v_new.stride() != k_new.stride():
-        raise ValueError("K and V must share one layout")
+    if v_cache.stride() != k_cache.stride():
+        raise ValueError("K and V caches must share one layout")
+    if v_new.stride() != k_new.stride():  # e.g. k from RoPE (contiguous), v a view of the qkv GEMM
+        k_new, v_new = k_new.contiguous(), v_new.contiguous()
     if prefix_len == 0 and n_new == 0:
         raise ValueError("tree_attention: no keys to attend to")
     out = torch.empty_like(q) if out is None else out
