@@ -86,7 +86,9 @@ def test_greedy_equals_ar(llm, head, oracle):
     ps = prompts(20, llm.config.vocab_size, seed=2)
     ar = llm.generate([""] * len(ps), prompt_ids=ps, max_new_tokens=128)
     tree = {"tree_budget": 10, "pseudo_policy": "all"}  # every node spawns: the widest code path
-    firp = llm.generate([""] * len(ps), prompt_ids=ps, method="firp", head=head, max_new_tokens=128, **tree)
+    static = {"tree": "static", "lookup": False}  # FIRP's own drafts (the hybrid: test_dynamic.py)
+    firp = llm.generate([""] * len(ps), prompt_ids=ps, method="firp", head=head, max_new_tokens=128,
+                        **tree, **static)  # fmt: skip
     random_tau = tau(firp)
     refs = {tuple(p): p + r.new_ids for p, r in zip(ps, ar, strict=True)}
     orc = llm.generate(

@@ -42,7 +42,8 @@ TREES = ("static", "dynamic")
 
 
 class DynamicFirpDrafter(FirpDrafter):
-    """The `firp` method: static or dynamic trees, with or without lookup drafts."""
+    """The `firp` method: dynamic trees with lookup drafts by default (the fastest on
+    Spec-Bench, benchmarks/RESULTS.md); `tree="static"` / `lookup=False` for the others."""
 
     def __init__(
         self,
@@ -50,8 +51,8 @@ class DynamicFirpDrafter(FirpDrafter):
         head: FirpHead | str | Path | None = None,
         tree_budget: int | None = None,
         pseudo_policy: str | None = None,
-        tree: str = "static",
-        lookup: bool = False,
+        tree: str = "dynamic",
+        lookup: bool = True,
         max_ngram: int = 3,
         n_lookup: int = 6,
     ) -> None:
@@ -67,8 +68,6 @@ class DynamicFirpDrafter(FirpDrafter):
         spawns = self.budget if self.policy == "all" else min(self.budget, self.top)
         self.max_rows = max(self.max_rows, self.budget + spawns * self.k)
         self.layouts: dict[tuple, PseudoLayout] = {}
-        # lookup drafts at depth t+1: [accepted, drafted], starting from the prior
-        self.lookup_stats = [list(LOOKUP_PRIOR) for _ in range(n_lookup)]
 
     def propose(self, st: State, last: StepOutput | None) -> Draft:
         if not self.dynamic or (last is None and not self.use_lookup):
@@ -91,7 +90,7 @@ class DynamicFirpDrafter(FirpDrafter):
 
     def grow_draft(self, st: State, firp: list[list[tuple[int, float]]], chain: list[int]) -> Draft:
         """Grow this step's tree from FIRP's per-offset (token, p) lists and a lookup chain."""
-        rates = [a / n for a, n in self.lookup_stats]
+        rates = [a / n for a, n in self.lookup_stats(st)]
 
         def kids(path: list[int]) -> list[tuple[int, float]]:
             t = len(path)
@@ -124,11 +123,17 @@ class DynamicFirpDrafter(FirpDrafter):
             out.append(node)
         return out
 
+    def lookup_stats(self, st: State) -> list[list[float]]:
+        """The request's lookup drafts at depth t+1: [accepted, drafted], from the prior on.
+        Per request: texts differ in how much they repeat, and a request's drafts must not
+        depend on the other requests of its batch (seeded sampling gives the same tokens)."""
+        return st.extra.setdefault("lookup_stats", [list(LOOKUP_PRIOR) for _ in range(self.n_lookup)])
+
     def count_lookup(self, st: State, last: StepOutput) -> None:
         """Update the lookup acceptance rates with the last step's verdict on its chain."""
         accepted = set(last.path)
         for t, node in enumerate(st.extra.get("lookup_nodes", [])):
-            self.lookup_stats[t][1] += 1
+            self.lookup_stats(st)[t][1] += 1
             if node not in accepted:
                 break  # deeper chain nodes were not even tried
-            self.lookup_stats[t][0] += 1
+            self.lookup_stats(st)[t][0] += 1
