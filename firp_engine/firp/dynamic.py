@@ -78,8 +78,9 @@ class DynamicFirpDrafter(FirpDrafter):
                 self.count_lookup(st, last)
             rl = self.pseudo_logits(last)
             if rl.shape[0]:
-                top = torch.topk(torch.softmax(rl.float(), -1), self.width, dim=-1)
-                pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
+                top = torch.topk(rl, self.width, dim=-1)  # then p = exp(logit - logsumexp)
+                probs = (top.values - torch.logsumexp(rl, -1, keepdim=True)).exp()
+                pairs = zip(top.indices.tolist(), probs.tolist(), strict=True)
                 firp = [list(zip(i, p, strict=True)) for i, p in pairs]
         chain = self.lookup_chain(st) if self.use_lookup else []
         return self.grow_draft(st, firp, chain)
