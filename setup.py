@@ -1,11 +1,16 @@
 """Build firp-engine and its C++ module `firp_engine._C` (ninja, through torch.utils.cpp_extension).
 
-Install torch first, then: `pip install -e . --no-build-isolation` or
-`python setup.py build_ext --inplace`. Environment knobs:
-    FIRP_CPU_FLAGS   compiler flags for the CPU SIMD code instead of the detected ones
-                     ("" gives the portable build; see csrc/cpu/simd.h)
-    FIRP_NO_CUDA=1   skip the CUDA kernels even when torch and nvcc have CUDA
-    MAX_JOBS         parallel compile jobs (ninja)
+Install torch first, then `pip install .` or `pip install -e .` (with build isolation, pip
+builds against that same torch version: scripts/build_backend.py), `pip install -e .
+--no-build-isolation` (builds against the installed torch itself, and fetches nothing) or
+`python setup.py build_ext --inplace`. The CUDA kernels are built too when torch has CUDA
+and finds a CUDA toolkit (set CUDA_HOME when it guesses wrong). Environment knobs:
+    FIRP_CPU_FLAGS        compiler flags for the CPU SIMD code instead of the detected ones
+                          ("" gives the portable build; see csrc/cpu/simd.h)
+    FIRP_NO_CUDA=1        skip the CUDA kernels even when torch and nvcc have CUDA
+    TORCH_CUDA_ARCH_LIST  GPU architectures to build for, e.g. "9.0" (default: the visible
+                          GPUs', or DEFAULT_CUDA_ARCHS when there is none)
+    MAX_JOBS              parallel compile jobs (ninja)
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ try:
     from torch.utils import cpp_extension
 except ImportError:
     sys.exit(
-        "firp-engine builds against an installed torch: run `pip install torch` first, "
-        "then `pip install -e . --no-build-isolation`."
+        "firp-engine builds its C++ extension against torch, and there is none here: "
+        "run `pip install torch` first, then `pip install .` (or `pip install -e . --no-build-isolation`)."
     )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -93,12 +98,24 @@ def simd_flags() -> list[str]:
     return []
 
 
+# The GPU architectures built for when no GPU is visible to pick them from (torch's own
+# detection fails then): those of the CUDA compile check in CMakeLists.txt, plus PTX that
+# newer GPUs compile at load.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
 def with_cuda() -> bool:
-    return (
-        bool(torch.version.cuda)
-        and cpp_extension.CUDA_HOME is not None
-        and not os.environ.get("FIRP_NO_CUDA")
+    """True when torch has CUDA and torch's CUDA_HOME holds a CUDA toolkit (nvcc and its headers)."""
+    if not torch.version.cuda or os.environ.get("FIRP_NO_CUDA"):
+        return False
+    home = cpp_extension.CUDA_HOME  # $CUDA_HOME, else guessed from the nvcc on PATH, else /usr/local/cuda
+    if home and all(os.path.exists(os.path.join(home, f)) for f in ("bin/nvcc", "include/cuda_runtime.h")):
+        return True
+    print(
+        f"firp-engine: no CUDA toolkit (bin/nvcc, include/cuda_runtime.h) in CUDA_HOME={home}: "
+        "building the CPU kernels only"
     )
+    return False
 
 
 def sources(pattern: str) -> list[str]:
@@ -116,7 +133,10 @@ def extension():
     common = dict(name="firp_engine._C", include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=link)
     if not with_cuda():
         return cpp_extension.CppExtension(sources=srcs, extra_compile_args={"cxx": cxx}, **common)
-    print("firp-engine: building the CUDA kernels too")
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not archs and torch.cuda.device_count() == 0:
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    print(f"firp-engine: building the CUDA kernels too, for {archs or 'the visible GPUs'}")
     srcs += [*sources("csrc/cuda/*.cu"), "csrc/cuda/bindings_cuda.cpp"]
     cxx.append("-DFIRP_WITH_CUDA")  # bindings.cpp then calls register_cuda()
     nvcc = ["-O3", "--expt-relaxed-constexpr"]
@@ -134,7 +154,7 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["firp = firp_engine.cli:main"]},
     install_requires=[
-        "torch",
+        f"torch=={torch.__version__}",  # the extension loads only into the torch it was built against
         "numpy",
         "safetensors",
         "gguf",
