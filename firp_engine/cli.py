@@ -1,4 +1,4 @@
-"""The `firp` command: generate, chat, info, train-head, bench."""
+"""The `firp` command: generate, chat, info, train-head, bench, serve."""
 
 from __future__ import annotations
 
@@ -27,24 +27,40 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _decode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=METHOD_CHOICES, default="ar")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    _method_args(p)
+
+
+def _method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=METHOD_CHOICES, default="ar")
     p.add_argument("--head", help="FIRP/Medusa head (default: the shipped one for this model)")
     p.add_argument(
         "--tree-budget",
         type=int,
         default=None,
-        help="draft tree nodes, root included (default: 4 on a CPU, 10 on a GPU)",
+        help="draft tree nodes, root included (default: chosen from this machine's step cost curve)",
+    )
+    p.add_argument(
+        "--draft-tree",
+        choices=["static", "dynamic"],
+        default=None,
+        help="FIRP: one tree shaped by the head's acceptance table, or one grown each step (default)",
+    )
+    p.add_argument(
+        "--lookup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="FIRP: merge prompt-lookup drafts into the tree (default: on; needs --draft-tree dynamic)",
     )
     p.add_argument(
         "--pseudo-policy",
         default=None,
-        help="FIRP: which nodes spawn pseudo rows: all, top, top:M (default: top:1 on a CPU, all on a GPU)",
+        help="FIRP: which nodes spawn pseudo rows: all, top, top:M (default: from the step cost curve)",
     )
 
 
@@ -76,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="Spec-Bench: speedup and acceptance of methods over ar")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of benchmarks/spec_bench.py")
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _model_args(s)
+    _method_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=8, help="most requests decoding at once")
+    s.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 429")
+    s.add_argument("--max-new-tokens", type=int, default=256, help="max_tokens of a request that sets none")
+    s.add_argument("--served-model-name", help="the model id clients name (default: the model file's)")
     return ap
 
 
@@ -114,7 +140,12 @@ def read_prompts(path: Path) -> tuple[list[str], list]:
 
 
 def _method_opts(args) -> dict:
-    opts = {"tree_budget": args.tree_budget, "pseudo_policy": args.pseudo_policy}
+    opts = {
+        "tree_budget": args.tree_budget,
+        "pseudo_policy": args.pseudo_policy,
+        "tree": args.draft_tree,
+        "lookup": args.lookup,
+    }
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -272,6 +303,17 @@ def cmd_bench(args) -> None:
     runpy.run_path(str(script), run_name="__main__")
 
 
+def cmd_serve(args) -> None:
+    try:
+        from firp_engine.server.app import serve
+        from firp_engine.server.engine import Engine
+    except ModuleNotFoundError as e:
+        raise FirpError(f"firp serve needs {e.name}: pip install 'firp-engine[serve]'") from None
+    llm = _llm(args)
+    engine = Engine(llm, args.method, _method_opts(args), args.max_batch, args.max_queue, args.max_new_tokens)
+    serve(engine, args.host, args.port, args.served_model_name)
+
+
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"firp: warning: {message}", file=sys.stderr)
 
@@ -291,7 +333,14 @@ def _run(args) -> int:
 
             train_cli.run(args)
         else:
-            {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench}[args.cmd](args)
+            cmds = {
+                "generate": cmd_generate,
+                "chat": cmd_chat,
+                "info": cmd_info,
+                "bench": cmd_bench,
+                "serve": cmd_serve,
+            }
+            cmds[args.cmd](args)
     except FirpError as e:
         print(f"firp: error: {e}", file=sys.stderr)
         return 2
