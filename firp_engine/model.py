@@ -17,6 +17,7 @@ import torch
 from firp_engine import ops
 from firp_engine.backend import Backend
 from firp_engine.config import ModelConfig, rope_tables
+from firp_engine.errors import FirpError
 from firp_engine.kv_cache import KVCache, Sequence
 from firp_engine.loading import Checkpoint
 
@@ -24,15 +25,38 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class Linear:
-    """A weight [N, K] plus the backend's packed copy of it (made once)."""
+    """A weight [N, K] plus the backend's packed copy of it (made once).
 
-    def __init__(self, weight: torch.Tensor, backend: Backend) -> None:
-        self.weight = weight.contiguous()
+    When the backend's GEMM kernel reads a re-laid-out copy, the kernel needs the original
+    only for its shape, so it is dropped (unless `keep`: a weight shared with something else,
+    like a tied embedding) and the weights are held once. Then `weight` and autograd (which
+    runs the reference) are refused in one line: models that train are built on the torch
+    backend, whose packed copy is the weight itself.
+    """
+
+    def __init__(self, weight: torch.Tensor, backend: Backend, keep: bool = False) -> None:
+        weight = weight.contiguous()
         self.backend = backend
-        self.packed = backend.op("pack_linear")(self.weight)  # not call(): packing is never autograd
+        self.packed = backend.op("pack_linear")(weight)  # not call(): packing is never autograd
+        dropped = self.packed is not weight and "linear" not in backend.fallbacks and not keep
+        self._weight = None if dropped else weight
+        self._shape = torch.empty(weight.shape, dtype=weight.dtype, device="meta")  # for the kernel
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self._weight is None:
+            raise FirpError(
+                f"the {self.backend.name} backend keeps only its packed copy of this weight; "
+                "build the model on the torch backend to train or to read weights"
+            )
+        return self._weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backend.call("linear", x, self.weight, self.packed)
+        if self._weight is None:
+            if torch.is_grad_enabled():
+                self.weight  # noqa: B018  (raises: autograd would need the original weight)
+            return self.backend.call("linear", x, self._shape, self.packed)
+        return self.backend.call("linear", x, self._weight, self.packed)
 
 
 @dataclass
@@ -105,7 +129,8 @@ class Transformer:
         cfg = self.cfg
         self.embed = w["model.embed_tokens.weight"]
         self.norm = w["model.norm.weight"]
-        self.lm_head = Linear(self.embed if cfg.tie_embeddings else w["lm_head.weight"], self.backend)
+        tied = cfg.tie_embeddings  # then the LM head's weight is the embedding table, kept anyway
+        self.lm_head = Linear(self.embed if tied else w["lm_head.weight"], self.backend, keep=tied)
         self.layers = [self._layer(w, f"model.layers.{i}.") for i in range(cfg.n_layers)]
         self.cos, self.sin = (t.to(self.device) for t in rope_tables(cfg, cfg.max_position))
         self.scale = cfg.head_dim**-0.5
@@ -135,11 +160,12 @@ class Transformer:
     def weight_bytes(self) -> int:
         """Bytes of the weights held: run dtype, the backend's packed copies included (on the
         cpu backend the GEMM kernels read a re-laid-out copy), tensors shared counted once."""
-        tensors = [self.embed, self.norm, self.lm_head.weight, self.lm_head.packed]
+        tensors = [self.embed, self.norm, self.lm_head._weight, self.lm_head.packed]
         for lw in self.layers:
             tensors += [lw.attn_norm, lw.ffn_norm]
             for lin in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down):
-                tensors += [lin.weight, lin.packed]
+                tensors += [lin._weight, lin.packed]
+        tensors = [t for t in tensors if t is not None]  # a dropped original holds nothing
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         return sum(storages.values())
 

@@ -212,6 +212,30 @@ def test_only_run_dtype_weights_stay_alive(tiny, monkeypatch):
     assert llm.model.weight_bytes() == 2 * llm.config.n_params()
 
 
+@needs_cpu
+def test_cpu_backend_holds_each_weight_once(tiny):
+    """The cpu GEMM reads its packed copy: the original is dropped (the tied LM head's is the
+    embedding, kept), and reading it or running the layer under autograd is refused."""
+    llm = LLM(str(tiny), dtype="bf16", backend="cpu")
+    ref = LLM(str(tiny), dtype="bf16", backend="torch")
+    lin = llm.model.layers[0].w_down
+    assert lin._weight is None and lin.packed.dtype == torch.bfloat16
+    with pytest.raises(FirpError, match="packed copy"):
+        lin.weight  # noqa: B018
+    x = torch.randn(3, lin._shape.shape[1], dtype=torch.bfloat16)
+    with pytest.raises(FirpError, match="torch backend"):
+        lin(x)  # autograd on: the reference would need the original
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), ref.model.layers[0].w_down(x), atol=2e-2, rtol=2e-2)
+    m = llm.model
+    assert (m.lm_head._weight is m.embed) == llm.config.tie_embeddings
+    # held: the embedding, the norms and one packed copy per linear, nothing else
+    linears = [m.lm_head] + [x for lw in m.layers for x in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
+    norms = [m.norm] + [n for lw in m.layers for n in (lw.attn_norm, lw.ffn_norm)]
+    held = [m.embed, *norms, *(lin.packed for lin in linears)]
+    assert m.weight_bytes() == sum(2 * t.numel() for t in held)
+
+
 def test_info_reports_backend_and_memory(capsys, tiny):
     capsys.readouterr()
     assert main(["info", "--model", str(tiny), "--backend", "torch", "--dtype", "fp32"]) == 0

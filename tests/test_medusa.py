@@ -127,6 +127,7 @@ def test_untrained_head_repeats_next_token(llm):
     """W = 0, b = 0: every offset's logits are the model's next-token logits (Medusa's init)."""
     head = M.MedusaHead(llm.config.hidden_size, 2)
     x = torch.randn(5, llm.config.hidden_size)
-    logits = M.head_logits(llm.model, head, x)
-    ref = llm.model.lm_head(x).float()
+    with torch.no_grad():
+        logits = M.head_logits(llm.model, head, x)
+        ref = llm.model.lm_head(x).float()
     torch.testing.assert_close(logits, ref[:, None].expand(-1, 2, -1), atol=1e-5, rtol=1e-5)

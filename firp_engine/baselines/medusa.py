@@ -73,9 +73,8 @@ class MedusaHead(torch.nn.Module):
 def head_logits(model: Transformer, head: MedusaHead, x: torch.Tensor) -> torch.Tensor:
     """x [n, d] final hidden states after the norm -> fp32 logits [n, k, V] (autograd-safe)."""
     z = head(x)
-    w = model.lm_head.weight
     if torch.is_grad_enabled():
-        return torch.nn.functional.linear(z.float(), w.float())
+        return torch.nn.functional.linear(z.float(), model.lm_head.weight.float())
     return model.lm_head(z.reshape(-1, z.shape[-1])).float().view(*z.shape[:2], -1)
 
 
