@@ -166,7 +166,14 @@ setup(
         "protobuf",  # SentencePiece model files rebuilt from GGUF metadata
     ],
     # transformers (+ accelerate for its GGUF loader) is the reference the tests compare against.
-    extras_require={"test": ["pytest", "transformers", "accelerate", "triton", "ruff"]},
+    extras_require={
+        "serve": ["fastapi", "uvicorn"],
+        # openai + httpx: the server tests drive a live server through the official client
+        "test": [
+            *("pytest", "transformers", "accelerate", "triton", "ruff"),
+            *("fastapi", "uvicorn", "openai", "httpx"),
+        ],
+    },
     package_data={"firp_engine": ["heads/*.json", "heads/*.safetensors"]},
     zip_safe=False,
 )

@@ -177,6 +177,12 @@ class Scheduler:
             e.decode_s = time.perf_counter() - e.began if e.steps else 0.0
             e.st.seq.free()  # its blocks go to the requests still waiting
 
+    def forget(self, rid: int) -> None:
+        """Drop a finished request's record (a long-lived scheduler, as a server's, would
+        otherwise keep every request it ever ran)."""
+        assert self.entries[rid].finish is not None, "only a finished request is forgotten"
+        del self.entries[rid]
+
     def close(self) -> None:
         """Free every sequence (after an error, so that the pool is whole again)."""
         for rid in list(self.live):

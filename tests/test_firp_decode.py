@@ -147,6 +147,7 @@ def test_one_token_prompt(llm, head):
 # ---------------------------------------------------------------- (b) tree attention
 
 
+@torch.inference_mode()
 def tree_state(llm, prompt: list[int]) -> State:
     seq = llm.cache.new_sequence()
     prefill(llm.model, seq, prompt[:-1], 64)
