@@ -30,7 +30,6 @@ const char* cpu_isa() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "firp-engine kernels (CPU C++; CUDA ops prefixed cuda_ when built with CUDA)";
   m.attr("cpu_isa") = cpu_isa();
-  m.attr("simd_width") = firp::simd::W;
 #ifdef FIRP_WITH_CUDA
   m.attr("has_cuda") = true;
 #else

@@ -44,57 +44,57 @@ inline void tile_bf16(const bf16_t* w,    // [NP panels of K2 * 32], panel strid
                       float* c) {         // [MR, NP * 16]
 #if defined(__AVX512BF16__)
   __m512 acc[MR][NP];
-  for (int r = 0; r < MR; ++r)
-    for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_ps();
+  FIRP_UNROLL for (int r = 0; r < MR; ++r)
+    FIRP_UNROLL for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_ps();
   for (int64_t kk = 0; kk < K2; ++kk) {
-    for (int p = 0; p < NP; ++p) __builtin_prefetch(w + (NP + p) * pstride + kk * 32);
-    for (int p = 0; p < NP; ++p) {
+    FIRP_UNROLL for (int p = 0; p < NP; ++p) __builtin_prefetch(w + (NP + p) * pstride + kk * 32);
+    FIRP_UNROLL for (int p = 0; p < NP; ++p) {
       __m512bh wv = (__m512bh)_mm512_loadu_si512(w + p * pstride + kk * 32);
-      for (int r = 0; r < MR; ++r)
+      FIRP_UNROLL for (int r = 0; r < MR; ++r)
         acc[r][p] = _mm512_dpbf16_ps(acc[r][p], wv, (__m512bh)_mm512_set1_epi32(int(x[r * ldx + kk])));
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int p = 0; p < NP; ++p) _mm512_storeu_ps(c + r * NP * PANEL + p * PANEL, acc[r][p]);
+  FIRP_UNROLL for (int r = 0; r < MR; ++r)
+    FIRP_UNROLL for (int p = 0; p < NP; ++p) _mm512_storeu_ps(c + r * NP * PANEL + p * PANEL, acc[r][p]);
 #else
   constexpr int NW = NP * NV;  // weight vectors per k-pair
   vf acc[MR][NW];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NW; ++v) acc[r][v] = zero();
+  FIRP_UNROLL for (int r = 0; r < MR; ++r)
+    FIRP_UNROLL for (int v = 0; v < NW; ++v) acc[r][v] = zero();
   for (int64_t kk = 0; kk < K2; ++kk) {
     const bf16_t* wk = w + kk * 32;
     // The next panels (the next step of this thread) stream in while these are computed.
-    for (int p = 0; p < NP; ++p) __builtin_prefetch(wk + (NP + p) * pstride);
+    FIRP_UNROLL for (int p = 0; p < NP; ++p) __builtin_prefetch(wk + (NP + p) * pstride);
     if constexpr (NW <= 2) {
       // Few weight vectors: convert them all, then one broadcast per row and k
       // (AVX2, 4 rows: 8 accumulators + 4 weights + 1 broadcast registers).
       vf even[NW], odd[NW];
-      for (int v = 0; v < NW; ++v) load_pairs(wk + (v / NV) * pstride + (v % NV) * 2 * W, even[v], odd[v]);
-      for (int r = 0; r < MR; ++r) {
+      FIRP_UNROLL for (int v = 0; v < NW; ++v) load_pairs(wk + (v / NV) * pstride + (v % NV) * 2 * W, even[v], odd[v]);
+      FIRP_UNROLL for (int r = 0; r < MR; ++r) {
         const vf x0 = set1(x[r * ldx + 2 * kk]);
-        for (int v = 0; v < NW; ++v) acc[r][v] = fma(even[v], x0, acc[r][v]);
+        FIRP_UNROLL for (int v = 0; v < NW; ++v) acc[r][v] = fma(even[v], x0, acc[r][v]);
         const vf x1 = set1(x[r * ldx + 2 * kk + 1]);
-        for (int v = 0; v < NW; ++v) acc[r][v] = fma(odd[v], x1, acc[r][v]);
+        FIRP_UNROLL for (int v = 0; v < NW; ++v) acc[r][v] = fma(odd[v], x1, acc[r][v]);
       }
     } else {
       // Many weight vectors (one or two rows): keep the row broadcasts, stream the weights.
       vf x0[MR], x1[MR];
-      for (int r = 0; r < MR; ++r) {
+      FIRP_UNROLL for (int r = 0; r < MR; ++r) {
         x0[r] = set1(x[r * ldx + 2 * kk]);
         x1[r] = set1(x[r * ldx + 2 * kk + 1]);
       }
-      for (int v = 0; v < NW; ++v) {
+      FIRP_UNROLL for (int v = 0; v < NW; ++v) {
         vf even, odd;
         load_pairs(wk + (v / NV) * pstride + (v % NV) * 2 * W, even, odd);
-        for (int r = 0; r < MR; ++r) {
+        FIRP_UNROLL for (int r = 0; r < MR; ++r) {
           acc[r][v] = fma(even, x0[r], acc[r][v]);
           acc[r][v] = fma(odd, x1[r], acc[r][v]);
         }
       }
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NW; ++v) store(c + r * NP * PANEL + v * W, acc[r][v]);
+  FIRP_UNROLL for (int r = 0; r < MR; ++r)
+    FIRP_UNROLL for (int v = 0; v < NW; ++v) store(c + r * NP * PANEL + v * W, acc[r][v]);
 #endif
 }
 
@@ -106,30 +106,30 @@ inline void tile_f32(const float* w,      // [NP panels of K * 16], panel stride
                      int64_t ldx, int64_t K,
                      float* c) {          // [MR, NP * 16]
   vf acc[MR][NP * NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NP * NV; ++v) acc[r][v] = zero();
+  FIRP_UNROLL for (int r = 0; r < MR; ++r)
+    FIRP_UNROLL for (int v = 0; v < NP * NV; ++v) acc[r][v] = zero();
   constexpr int NW = NP * NV;
   for (int64_t k = 0; k < K; ++k) {
     const float* wk = w + k * PANEL;
-    for (int p = 0; p < NP; ++p) __builtin_prefetch(wk + (NP + p) * pstride);  // as in tile_bf16
+    FIRP_UNROLL for (int p = 0; p < NP; ++p) __builtin_prefetch(wk + (NP + p) * pstride);  // as in tile_bf16
     if constexpr (NW <= 2) {  // register use as in tile_bf16
       vf wv[NW];
-      for (int v = 0; v < NW; ++v) wv[v] = load(wk + (v / NV) * pstride + (v % NV) * W);
-      for (int r = 0; r < MR; ++r) {
+      FIRP_UNROLL for (int v = 0; v < NW; ++v) wv[v] = load(wk + (v / NV) * pstride + (v % NV) * W);
+      FIRP_UNROLL for (int r = 0; r < MR; ++r) {
         const vf xb = set1(x[r * ldx + k]);
-        for (int v = 0; v < NW; ++v) acc[r][v] = fma(wv[v], xb, acc[r][v]);
+        FIRP_UNROLL for (int v = 0; v < NW; ++v) acc[r][v] = fma(wv[v], xb, acc[r][v]);
       }
     } else {
       vf xb[MR];
-      for (int r = 0; r < MR; ++r) xb[r] = set1(x[r * ldx + k]);
-      for (int v = 0; v < NW; ++v) {
+      FIRP_UNROLL for (int r = 0; r < MR; ++r) xb[r] = set1(x[r * ldx + k]);
+      FIRP_UNROLL for (int v = 0; v < NW; ++v) {
         const vf wv = load(wk + (v / NV) * pstride + (v % NV) * W);
-        for (int r = 0; r < MR; ++r) acc[r][v] = fma(wv, xb[r], acc[r][v]);
+        FIRP_UNROLL for (int r = 0; r < MR; ++r) acc[r][v] = fma(wv, xb[r], acc[r][v]);
       }
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NP * NV; ++v) store(c + r * NP * PANEL + v * W, acc[r][v]);
+  FIRP_UNROLL for (int r = 0; r < MR; ++r)
+    FIRP_UNROLL for (int v = 0; v < NP * NV; ++v) store(c + r * NP * PANEL + v * W, acc[r][v]);
 }
 
 // Everything one call needs, in the element type of the weights (WT) and of x (XT).

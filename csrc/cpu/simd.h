@@ -12,6 +12,11 @@
 #include <immintrin.h>
 #endif
 
+// Before a loop over a register tile (compile-time trip count): fully unrolled early, so
+// that GCC keeps the tile's accumulator array in registers (at -O3 it may otherwise store
+// the array to memory on every step of the enclosing loop).
+#define FIRP_UNROLL _Pragma("GCC unroll 16")
+
 namespace firp {
 
 using bf16_t = uint16_t;  // raw bfloat16 bits
@@ -47,6 +52,18 @@ inline float round_to(float v) { return to_float(from_float<T>(v)); }
 
 namespace simd {
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// Horizontal sums fold halves, in every ISA path: lane i += lane i + W/2, then i + W/4, ...
+// With 8 lanes: ((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7)). Kernels that must give a row the
+// same bits whatever its layout (csrc/cpu/README.md) rely on this one order.
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
 #if defined(__AVX512F__)
 // ------------------------------------------------------------------ AVX-512
 constexpr int W = 16;
@@ -73,7 +90,8 @@ inline vf round_bf16(vf v) {
                                   _mm512_set1_epi32(0x7FFF));
   return _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(u, bias), _mm512_set1_epi32(int(0xFFFF0000u))));
 }
-inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
+// hsum folds halves (the 256-bit halves, then as with AVX2): see the AVX2 hsum256.
+inline float hsum(vf v) { return hsum256(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1))); }
 inline float hmax(vf v) { return _mm512_reduce_max_ps(v); }
 inline vf load(const bf16_t* p) {
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -133,12 +151,7 @@ inline vf round_bf16(vf v) {
                                   _mm256_set1_epi32(0x7FFF));
   return _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(u, bias), _mm256_set1_epi32(int(0xFFFF0000u))));
 }
-inline float hsum(vf v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+inline float hsum(vf v) { return hsum256(v); }
 inline float hmax(vf v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
@@ -210,10 +223,10 @@ inline vf round_bf16(vf v) { FIRP_LANES(r.v[i] = round_to<bf16_t>(v.v[i])); }
 inline vf load(const bf16_t* p) { FIRP_LANES(r.v[i] = bf16_to_float(p[i])); }
 inline vf exp2(vf x) { FIRP_LANES(r.v[i] = x.v[i] <= -127.f ? 0.f : std::exp2(x.v[i])); }
 #undef FIRP_LANES
-inline float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < W; ++i) s += v.v[i];
-  return s;
+inline float hsum(vf v) {  // folding halves, as the SIMD paths do
+  for (int half = W / 2; half >= 1; half /= 2)
+    for (int i = 0; i < half; ++i) v.v[i] += v.v[i + half];
+  return v.v[0];
 }
 inline float hmax(vf v) {
   float s = v.v[0];
