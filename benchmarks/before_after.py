@@ -59,9 +59,9 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def run_tree(tree: Path, args) -> dict:
+def run_tree(tree: Path, methods: list[str], args) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(args.threads))
-    payload = {"methods": args.methods, "prompts": PROMPTS, "tokens": args.tokens, "threads": args.threads}
+    payload = {"methods": methods, "prompts": PROMPTS, "tokens": args.tokens, "threads": args.threads}
     res = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(payload)], cwd=tree, env=env, capture_output=True, text=True
     )
@@ -74,15 +74,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trees", nargs=2, type=Path, required=True, metavar=("BEFORE", "AFTER"))
     ap.add_argument("--methods", nargs="+", default=["ar", "firp:tree_budget=4,pseudo_policy=top:1"])
+    ap.add_argument(
+        "--after-methods", nargs="+", default=None, help="the same methods as the AFTER tree spells them"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    spelled = {str(args.trees[0]): args.methods, str(args.trees[1]): args.after_methods or args.methods}
     ms: dict[str, dict[str, list[float]]] = {str(t): {m: [] for m in args.methods} for t in args.trees}
     for r in range(args.rounds):
         for tree in args.trees if r % 2 == 0 else args.trees[::-1]:
-            for m, (secs, toks) in run_tree(tree, args).items():
+            got = run_tree(tree, spelled[str(tree)], args)
+            for m, spec in zip(args.methods, spelled[str(tree)], strict=True):
+                secs, toks = got[spec]
                 ms[str(tree)][m].append(1e3 * secs / toks)
             print(f"round {r + 1}: {tree} done", file=sys.stderr)
     before, after = (str(t) for t in args.trees)

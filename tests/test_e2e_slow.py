@@ -1,5 +1,6 @@
 """End to end on the default model: every speculative method's greedy output equals plain
-greedy decoding (fp32), 20 Spec-Bench prompts x 128 new tokens. Marked slow (minutes)."""
+greedy decoding, 20 Spec-Bench prompts x 128 new tokens: in fp32 (up to near-ties), and in
+bf16 on the cpu backend token for token (row-invariant kernels). Marked slow (minutes)."""
 
 import json
 from pathlib import Path
@@ -47,3 +48,27 @@ def last_logits(llm, ids: list[int]) -> torch.Tensor:
     from test_model import engine_logits
 
     return engine_logits(llm, ids)[-1]
+
+
+@pytest.fixture(scope="module")
+def bf16_llm():
+    from firp_engine.backend import available_backends
+    from firp_engine.generate import LLM
+
+    if "cpu" not in available_backends():
+        pytest.skip("the cpu backend's extension is not built")
+    try:
+        return LLM(None, dtype="bf16", backend="cpu")
+    except FirpError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["firp", "pld", "medusa"])
+def test_bf16_speculative_greedy_is_identical(bf16_llm, method):
+    """No near-tie allowance: the cpu kernels give a row the same bits alone or in a tree."""
+    ps = prompts()
+    plain = bf16_llm.generate(ps, "ar", max_new_tokens=128)
+    spec = bf16_llm.generate(ps, method, max_new_tokens=128)
+    same = sum(s.new_ids == p.new_ids for s, p in zip(spec, plain, strict=True))
+    assert same == len(ps), f"{method}: {same} of {len(ps)} outputs equal ar's in bf16"
