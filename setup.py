@@ -1,12 +1,16 @@
-"""Build firp-engine and its C++ module `firp_engine._C` (ninja, through torch.utils.cpp_extension).
+"""Build firp-engine and its C++ modules (ninja, through torch.utils.cpp_extension): the CPU
+kernels once per SIMD path, `firp_engine._C` (portable, plus the CUDA kernels) and
+`firp_engine._C_avx2`, `_C_avx512`, `_C_avx512bf16`, whichever the compiler can build,
+whatever CPU builds them. The cpu backend loads the best one the running CPU supports
+(firp_engine/backends/cpu.py), so a build carried to another machine still runs right.
 
 Install torch first, then `pip install .` or `pip install -e .` (with build isolation, pip
 builds against that same torch version: scripts/build_backend.py), `pip install -e .
 --no-build-isolation` (builds against the installed torch itself, and fetches nothing) or
 `python setup.py build_ext --inplace`. The CUDA kernels are built too when torch has CUDA
 and finds a CUDA toolkit (set CUDA_HOME when it guesses wrong). Environment knobs:
-    FIRP_CPU_FLAGS        compiler flags for the CPU SIMD code instead of the detected ones
-                          ("" gives the portable build; see csrc/cpu/simd.h)
+    FIRP_CPU_PATHS        the SIMD variants to build besides the portable one, e.g. "avx2"
+                          (default: every one the compiler accepts; "" builds the portable one only)
     FIRP_NO_CUDA=1        skip the CUDA kernels even when torch and nvcc have CUDA
     TORCH_CUDA_ARCH_LIST  GPU architectures to build for, e.g. "9.0" (default: the visible
                           GPUs', or DEFAULT_CUDA_ARCHS when there is none)
@@ -34,7 +38,8 @@ except ImportError:
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# SIMD levels, best first: (name, /proc/cpuinfo flags needed, compiler flags).
+# SIMD paths, best first: (name, compiler flags). The kernels are written once against
+# csrc/cpu/simd.h, which picks its code from these flags.
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 # GCC 12's AVX-512 headers trip its own (maybe-)uninitialized warnings (GCC bug 105593).
 _AVX512 = [
@@ -46,14 +51,10 @@ _AVX512 = [
     "-Wno-uninitialized",
     "-Wno-maybe-uninitialized",
 ]
-ISA_LEVELS = [
-    (
-        "avx512bf16",
-        {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
-        [*_AVX512, "-mavx512bf16"],
-    ),
-    ("avx512", {"avx512f", "avx512bw", "avx512vl", "avx512dq"}, _AVX512),
-    ("avx2", {"avx2", "fma", "f16c"}, _AVX2),
+SIMD_PATHS = [
+    ("avx512bf16", [*_AVX512, "-mavx512bf16"]),
+    ("avx512", _AVX512),
+    ("avx2", _AVX2),
 ]
 
 
@@ -72,30 +73,15 @@ def compiler_accepts(flags: list[str]) -> bool:
     return res.returncode == 0
 
 
-def cpu_features() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def simd_flags() -> list[str]:
-    """The best SIMD level both this CPU and the compiler support (the build is for this machine)."""
-    if "FIRP_CPU_FLAGS" in os.environ:
-        return os.environ["FIRP_CPU_FLAGS"].split()
+def simd_paths() -> list[tuple[str, list[str]]]:
+    """The SIMD variants to build: those the compiler accepts (x86-64 only), or FIRP_CPU_PATHS."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return []
-    have = cpu_features()
-    for name, needed, flags in ISA_LEVELS:
-        if needed <= have and compiler_accepts(flags):
-            print(f"firp-engine: building the CPU kernels for {name}")
-            return flags
-    print("firp-engine: building the portable CPU kernels (no AVX2/AVX-512 found)")
-    return []
+    wanted = os.environ.get("FIRP_CPU_PATHS")
+    chosen = [(n, f) for n, f in SIMD_PATHS if wanted is None or n in wanted.replace(",", " ").split()]
+    out = [(n, f) for n, f in chosen if compiler_accepts(f)]
+    print(f"firp-engine: building the CPU kernels for {', '.join(['portable'] + [n for n, _ in out])}")
+    return out
 
 
 # The GPU architectures built for when no GPU is visible to pick them from (torch's own
@@ -122,25 +108,39 @@ def sources(pattern: str) -> list[str]:
     return sorted(glob.glob(pattern, root_dir=ROOT))
 
 
-def extension():
-    """firp_engine._C: the CPU kernels, plus the CUDA ones (ops named cuda_*) when torch has CUDA."""
-    srcs = ["csrc/bindings.cpp", *sources("csrc/cpu/*.cpp")]
-    cxx = ["-O3", "-g0", *simd_flags()]  # -g0: no debug info, builds faster
+def extensions() -> list:
+    """firp_engine._C (portable CPU kernels, plus the CUDA ones, ops named cuda_*, when torch has
+    CUDA) and one firp_engine._C_<path> per SIMD path."""
+    cpu_srcs = ["csrc/bindings.cpp", *sources("csrc/cpu/*.cpp")]
+    cxx = ["-O3", "-g0"]  # -g0: no debug info, builds faster
     link = []
     if torch.backends.openmp.is_available() and compiler_accepts(["-fopenmp"]):
         cxx.append("-fopenmp")  # at::parallel_for is inline: without it the kernels run on one thread
         link.append("-fopenmp")
-    common = dict(name="firp_engine._C", include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=link)
+    common = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=link)
+    variants = [
+        cpp_extension.CppExtension(name=f"firp_engine._C_{name}", sources=cpu_srcs,
+                                   extra_compile_args={"cxx": [*cxx, *flags]}, **common)
+        for name, flags in simd_paths()
+    ]  # fmt: skip
     if not with_cuda():
-        return cpp_extension.CppExtension(sources=srcs, extra_compile_args={"cxx": cxx}, **common)
+        base = cpp_extension.CppExtension(
+            name="firp_engine._C", sources=cpu_srcs, extra_compile_args={"cxx": cxx}, **common
+        )
+        return [base, *variants]
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if not archs and torch.cuda.device_count() == 0:
         archs = os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     print(f"firp-engine: building the CUDA kernels too, for {archs or 'the visible GPUs'}")
-    srcs += [*sources("csrc/cuda/*.cu"), "csrc/cuda/bindings_cuda.cpp"]
-    cxx.append("-DFIRP_WITH_CUDA")  # bindings.cpp then calls register_cuda()
+    srcs = [*cpu_srcs, *sources("csrc/cuda/*.cu"), "csrc/cuda/bindings_cuda.cpp"]
     nvcc = ["-O3", "--expt-relaxed-constexpr"]
-    return cpp_extension.CUDAExtension(sources=srcs, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)
+    base = cpp_extension.CUDAExtension(  # -DFIRP_WITH_CUDA: bindings.cpp then calls register_cuda()
+        name="firp_engine._C",
+        sources=srcs,
+        extra_compile_args={"cxx": [*cxx, "-DFIRP_WITH_CUDA"], "nvcc": nvcc},
+        **common,
+    )
+    return [base, *variants]
 
 
 setup(
@@ -150,7 +150,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["firp_engine", "firp_engine.*"]) + ["firp_kernels"],
     package_dir={"firp_kernels": "kernels"},
-    ext_modules=[extension()],
+    ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["firp = firp_engine.cli:main"]},
     install_requires=[

@@ -27,9 +27,11 @@ const char* cpu_isa() {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+// One module per SIMD path (_C: portable, plus CUDA; _C_avx2 ...): setup.py names each.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "firp-engine kernels (CPU C++; CUDA ops prefixed cuda_ when built with CUDA)";
   m.attr("cpu_isa") = cpu_isa();
+  m.def("cpu_paths", &firp::cpu_paths);
 #ifdef FIRP_WITH_CUDA
   m.attr("has_cuda") = true;
 #else
@@ -56,7 +58,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out") = none);
   // Released GIL: a server's HTTP threads run while the engine thread is in the layers.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  py::class_<firp::LayerStack>(m, "LayerStack")
+  py::class_<firp::LayerStack>(m, "LayerStack", py::module_local())  // one per variant module
       .def(py::init<std::vector<std::vector<at::Tensor>>, at::Tensor, at::Tensor, int64_t, int64_t, int64_t, double,
                     double>(),
            py::arg("layers"), py::arg("cos"), py::arg("sin"), py::arg("n_heads"), py::arg("n_kv_heads"),

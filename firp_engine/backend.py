@@ -74,14 +74,14 @@ class Backend:
         """The backend `name`; None reads $FIRP_BACKEND, else `cpu` when the C++ extension
         is built, else `torch`. Raises FirpError (one line) for an unknown or unusable one."""
         name = name or os.environ.get("FIRP_BACKEND") or _default_name()
-        if name not in BACKENDS:
+        base = name.partition("@")[0]  # "cpu@avx2": the cpu backend on one SIMD path
+        if base not in BACKENDS or (name != base and base != "cpu"):
             raise FirpError(f"unknown backend '{name}' (choose from {', '.join(BACKENDS)})")
-        device = _device(name)
-        module = _import(name)
+        device = _device(base)
+        module = _import(base)
+        isa, stack = module.variant(name) if hasattr(module, "variant") else (None, None)
         kernels = ops.REFERENCES if name == "torch" else ops.KERNELS.get(name, {})
-        backend = cls(
-            name, device, dict(kernels), getattr(module, "ISA", None), getattr(module, "layer_stack", None)
-        )
+        backend = cls(name, device, dict(kernels), isa, stack)
         if backend.fallbacks:
             missing = ", ".join(backend.fallbacks)
             _warn(f"backend '{name}' has no kernel for {missing}: the torch reference runs them")
@@ -123,15 +123,16 @@ class Backend:
 
 
 def available_backends() -> list[str]:
-    """Names whose backend can be made here (torch always)."""
+    """Names whose backend can be made here (torch always; cpu also as cpu@<path> for each
+    SIMD path this machine runs)."""
     out = []
     for name in BACKENDS:
         try:
             _device(name)
-            _import(name)
+            module = _import(name)
         except FirpError:
             continue
-        out.append(name)
+        out += [name] + [n for n in getattr(module, "NAMES", ()) if n != name]
     return out
 
 

@@ -252,7 +252,8 @@ def cmd_info(args) -> None:
         "dtype": llm.dtype,
         "backend": b.name,
         "device": str(b.device),
-        "cpu_isa": b.isa,  # the extension's SIMD path (cpu backend)
+        "cpu_isa": b.isa,  # the SIMD path the cpu backend runs (chosen at load; FIRP_CPU_ISA)
+        "cpu_paths": _cpu_paths(),  # what this CPU and OS run, and which of them this build holds
         "threads": torch.get_num_threads(),
         "fallbacks": list(b.fallbacks),  # ops the torch reference runs
         "memory_MiB": {
@@ -270,6 +271,14 @@ def cmd_info(args) -> None:
         "config": {k: v for k, v in cfg.__dict__.items()},
     }
     print(json.dumps(info, indent=2, default=str))
+
+
+def _cpu_paths() -> dict | None:
+    try:
+        from firp_engine.backends import cpu
+    except ImportError:
+        return None
+    return {"cpu_runs": list(cpu.CPU_PATHS), "built": list(cpu.MODULES)}
 
 
 def _draft_tree_info(llm) -> dict:

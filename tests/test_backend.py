@@ -51,11 +51,11 @@ def test_default_backend(monkeypatch):
 
 @needs_cpu
 def test_device_and_isa():
-    from firp_engine import _C
+    from firp_engine.backends import cpu as cpu_module
 
     cpu, ref = Backend.create("cpu"), Backend.create("torch")
     assert cpu.device == ref.device == torch.device("cpu")
-    assert cpu.isa == _C.cpu_isa and ref.isa is None
+    assert cpu.isa == cpu_module.ISA == cpu_module.MODULES[cpu.isa].cpu_isa and ref.isa is None
     assert cpu.fallbacks == ref.fallbacks == ()
 
 

@@ -21,8 +21,12 @@ import torch
 pytest.importorskip("firp_engine._C", reason="the cpu backend's extension is not built")
 
 from firp_engine import ops  # noqa: E402
-from firp_engine.backend import Backend  # noqa: E402
+from firp_engine.backend import Backend, available_backends  # noqa: E402
 
+# The path the cpu backend runs here and the portable one (the rule holds per path: paths may
+# round differently). Forced lower paths are checked against the reference by test_ops.py only,
+# to keep the default test run short on machines with four paths.
+CPU_NAMES = sorted({f"cpu@{Backend.create('cpu').isa}", "cpu@scalar"} & set(available_backends()))
 CPU = Backend.create("cpu")
 F32, BF16 = torch.float32, torch.bfloat16
 DTYPES = [F32, BF16]
@@ -34,9 +38,17 @@ HEADS = [(9, 3, 64), (4, 4, 128), (8, 2, 128), (16, 2, 64)]
 PREFIXES = [0, 1, 31, 33, 255, 257, 600]  # around the kernels' blocks (32) and splits (256)
 
 
+@pytest.fixture(autouse=True, scope="module", params=CPU_NAMES)
+def cpu_path(request):
+    """Runs the module once per SIMD path: `op` reads the backend set here."""
+    global CPU
+    CPU = Backend.create(request.param)
+    yield request.param
+
+
 def op(name: str):
     fn = CPU.op(name)
-    assert fn is ops.KERNELS["cpu"][name], f"cpu backend runs no kernel for {name}"
+    assert fn is ops.KERNELS[CPU.name][name], f"{CPU.name} runs no kernel for {name}"
     return fn
 
 

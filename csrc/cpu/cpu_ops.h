@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "simd.h"
@@ -39,6 +40,10 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
                           const at::Tensor& page_table, int64_t prefix_len, const at::Tensor& k_new,
                           const at::Tensor& v_new, const at::Tensor& mask_bits, double scale,
                           const OptTensor& out);
+
+// ---- cpuid.cpp: the SIMD paths this CPU and OS run, best first ("amx", "avx512bf16",
+// "avx512", "avx2", then always "scalar"); asks Linux for AMX tile state when the CPU has it.
+std::vector<std::string> cpu_paths();
 
 // ---- layers.cpp: the layer loop (Transformer.run_layer over a range of layers, in one call)
 class LayerStack {

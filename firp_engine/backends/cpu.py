@@ -1,6 +1,13 @@
-"""CPU backend: the C++ kernels of `csrc/cpu`, compiled into `firp_engine._C`.
+"""CPU backend: the C++ kernels of `csrc/cpu`, built once per SIMD path.
 
-Unavailable (ImportError) until the module is built: `pip install -e . --no-build-isolation`
+The build holds `firp_engine._C` (portable C++, plus CPU detection) and `_C_avx2`,
+`_C_avx512`, `_C_avx512bf16` (those the compiler could build). At import, `_C.cpu_paths()`
+reads what this CPU and its OS run (cpuid, XCR0), and the best built variant among those is
+the `cpu` backend; `FIRP_CPU_ISA=avx2|avx512|avx512bf16|scalar` forces a lower one. Every
+runnable variant is also a backend of its own, `cpu@<path>`, so that tests and benchmarks
+compare paths in one process.
+
+Unavailable (ImportError) until the modules are built: `pip install -e . --no-build-isolation`
 or `python setup.py build_ext --inplace`. The pybind11 functions take the reference's exact
 arguments (keywords included), so they are registered as they are: no Python wrapper sits
 between the decode loop and the kernels. They raise on an input they do not support (e.g. a
@@ -9,9 +16,16 @@ head dim the attention kernels are not built for), which `Backend.for_model` rea
 
 from __future__ import annotations
 
+import importlib
+import os
+import warnings
+from types import ModuleType
+from typing import Any
+
 import torch  # noqa: F401  (loaded before _C, which links against it)
 
 from firp_engine import _C  # ImportError here = backend unavailable
+from firp_engine.errors import FirpError, FirpWarning
 from firp_engine.ops import register
 
 OPS = (
@@ -27,23 +41,68 @@ OPS = (
     "firp_project",
     "kv_commit",
 )
-
-for _name in OPS:
-    register(_name, "cpu")(getattr(_C, _name))
-
-
-def layer_stack(model) -> _C.LayerStack:
-    """The C++ layer loop over `model`'s weights (csrc/cpu/layers.cpp); the tensors are shared."""
-    cfg = model.cfg
-    layers = [
-        [lw.attn_norm, lw.ffn_norm]
-        + [t for lin in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down) for t in lin.kernel_args()]
-        for lw in model.layers
-    ]
-    return _C.LayerStack(
-        layers, model.cos, model.sin, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, model.scale
-    )
+# Best first. "amx" is detected (and reported by `firp info`) but has no kernel variant yet.
+PATHS = ("avx512bf16", "avx512", "avx2", "scalar")
 
 
-# The SIMD path the build compiled in ("avx512bf16", "avx512", "avx2" or "scalar").
-ISA: str = _C.cpu_isa
+def _runnable() -> dict[str, ModuleType]:
+    """path -> module, for the paths this CPU runs and this build holds, best first."""
+    have = set(_C.cpu_paths())
+    out = {}
+    for path in PATHS:
+        if path not in have:
+            continue
+        try:
+            out[path] = _C if path == "scalar" else importlib.import_module(f"firp_engine._C_{path}")
+        except ImportError:
+            continue  # not built: the compiler lacked the flags, or FIRP_CPU_PATHS left it out
+    return out
+
+
+def _choose(runnable: dict[str, ModuleType], forced: str | None) -> str:
+    """The best runnable path, or the forced one (never a path above what runs here)."""
+    if not forced:
+        return next(iter(runnable))
+    if forced not in PATHS:
+        best = next(iter(runnable))
+        warnings.warn(
+            FirpWarning(f"FIRP_CPU_ISA={forced}: no such path ({', '.join(PATHS)}); using {best}"),
+            stacklevel=2,
+        )
+        return best
+    below = [p for p in PATHS[PATHS.index(forced) :] if p in runnable]
+    if below[0] != forced:
+        why = "this CPU or OS does not run it" if forced not in CPU_PATHS else "this build does not hold it"
+        warnings.warn(FirpWarning(f"FIRP_CPU_ISA={forced}: {why}; using {below[0]}"), stacklevel=2)
+    return below[0]
+
+
+CPU_PATHS: tuple[str, ...] = tuple(_C.cpu_paths())  # what the CPU and OS run, "amx" included
+MODULES = _runnable()
+ISA: str = _choose(MODULES, os.environ.get("FIRP_CPU_ISA"))  # the path the `cpu` backend runs
+NAMES = {"cpu": ISA} | {f"cpu@{path}": path for path in MODULES}  # backend name -> path
+
+for _backend, _path in NAMES.items():
+    for _name in OPS:
+        register(_name, _backend)(getattr(MODULES[_path], _name))
+
+
+def variant(name: str) -> tuple[str, Any]:
+    """(SIMD path, layer-stack factory) of backend `name` ("cpu" or "cpu@<path>")."""
+    if name not in NAMES:
+        raise FirpError(f"backend '{name}': this machine runs the cpu paths {', '.join(MODULES)}")
+    module = MODULES[NAMES[name]]
+
+    def layer_stack(model) -> Any:
+        """The C++ layer loop over `model`'s weights (csrc/cpu/layers.cpp); tensors are shared."""
+        cfg = model.cfg
+        layers = [
+            [lw.attn_norm, lw.ffn_norm]
+            + [t for lin in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down) for t in lin.kernel_args()]
+            for lw in model.layers
+        ]
+        return module.LayerStack(
+            layers, model.cos, model.sin, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, model.scale
+        )
+
+    return NAMES[name], layer_stack
