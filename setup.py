@@ -1,6 +1,6 @@
 """Build firp-engine and its C++ modules (ninja, through torch.utils.cpp_extension): the CPU
 kernels once per SIMD path, `firp_engine._C` (portable, plus the CUDA kernels) and
-`firp_engine._C_avx2`, `_C_avx512`, `_C_avx512bf16`, whichever the compiler can build,
+`firp_engine._C_avx2`, `_C_avx512`, `_C_avx512bf16`, `_C_amx`, whichever the compiler can build,
 whatever CPU builds them. The cpu backend loads the best one the running CPU supports
 (firp_engine/backends/cpu.py), so a build carried to another machine still runs right.
 
@@ -52,6 +52,7 @@ _AVX512 = [
     "-Wno-maybe-uninitialized",
 ]
 SIMD_PATHS = [
+    ("amx", [*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]),  # + csrc/cpu/linear_amx.cpp
     ("avx512bf16", [*_AVX512, "-mavx512bf16"]),
     ("avx512", _AVX512),
     ("avx2", _AVX2),

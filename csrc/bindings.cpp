@@ -14,7 +14,9 @@ namespace {
 
 // The SIMD code path this build compiled in (chosen from the compiler flags).
 const char* cpu_isa() {
-#if defined(__AVX512BF16__)
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  return "amx";  // AVX-512-BF16 kernels, with the bf16 GEMM on AMX tiles
+#elif defined(__AVX512BF16__)
   return "avx512bf16";
 #elif defined(__AVX512F__)
   return "avx512";

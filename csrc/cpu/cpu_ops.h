@@ -32,6 +32,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 at::Tensor firp_project(const at::Tensor& h, const at::Tensor& weight, const OptTensor& bias,
                         const OptTensor& out);
 
+// ---- linear_amx.cpp (amx builds): y = x W^T on AMX tiles for bf16 x with K % 32 == 0, into
+// `out` [M, N]; false (nothing done) for other inputs, which the vector kernel then runs.
+bool linear_amx(const at::Tensor& x, const at::Tensor& packed, int64_t N, at::Tensor& out);
+
 // ---- attention.cpp
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& page_tables, const at::Tensor& context_lens, double scale,
@@ -46,7 +50,7 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
 std::vector<std::string> cpu_paths();
 
 // ---- layers.cpp: the layer loop (Transformer.run_layer over a range of layers, in one call)
-class LayerStack {
+class __attribute__((visibility("hidden"))) LayerStack {  // hidden: as pybind11's types
  public:
   // layers[i] = {attn_norm, ffn_norm, qkv weight, qkv packed, o weight, o packed, gate_up weight,
   // gate_up packed, down weight, down packed}: what `linear` takes (a weight may be a meta tensor).

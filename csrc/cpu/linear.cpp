@@ -269,6 +269,9 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Te
   const int64_t M = x.size(0);
   at::Tensor out = at::empty(out_shape, x.options());
   if (M == 0 || N == 0) return out;
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  if (linear_amx(x, packed, N, out)) return out;  // bf16 with K % 32 == 0 (linear_amx.cpp)
+#endif
   if (x.scalar_type() == at::kFloat) {
     Problem<float, float> pb{ptr<float>(packed), K * PANEL, K, ptr<float>(x), x.stride(0), M, N,
                              ptr<float>(out), nullptr};
