@@ -27,6 +27,9 @@ NAN = float("nan")
 with warnings.catch_warnings():  # triton's fallbacks warning: read from `fallbacks` below
     warnings.simplefilter("ignore")
     CHOSEN = {name: Backend.create(name) for name in available_backends() if name != "torch"}
+# cpu@<path> for every SIMD path this machine runs, less the one `cpu` runs (the same kernels)
+if "cpu" in CHOSEN:
+    CHOSEN.pop(f"cpu@{CHOSEN['cpu'].isa}", None)
 BACKENDS = list(CHOSEN)
 F32, BF16 = torch.float32, torch.bfloat16
 DTYPES = [F32, BF16]
