@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 
 #include "simd.h"
 
@@ -29,6 +30,11 @@ at::Tensor pack_linear(const at::Tensor& weight);
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed);
 at::Tensor firp_project(const at::Tensor& h, const at::Tensor& weight, const OptTensor& bias,
                         const OptTensor& out);
+
+// ---- quant.cpp (GGUF Q4_0 / Q4_1 / Q8_0 weights; `linear` dispatches to quant_linear on such a pack)
+at::Tensor pack_quant(const at::Tensor& blocks, const std::string& kind);
+bool is_quant_pack(const at::Tensor& packed);
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed);
 
 // ---- attention.cpp
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
