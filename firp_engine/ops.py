@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from firp_engine import quant
+
 # op -> its PyTorch reference; backend name -> op -> that backend's kernel.
 REFERENCES: dict[str, Callable] = {}
 KERNELS: dict[str, dict[str, Callable]] = {}
@@ -101,7 +103,11 @@ def pack_linear(weight: torch.Tensor) -> torch.Tensor:
 
 @reference
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: object) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T -> [M, N]; `packed` is what pack_linear returned."""
+    """x [M, K] @ weight[N, K].T -> [M, N]; `packed` is what pack_linear returned. A
+    QuantWeight (GGUF blocks): the native kernel's definition, x quantized per row to 8-bit
+    blocks (quant.linear_q8; quant.dequant_linear is the plain dequantize-then-matmul)."""
+    if isinstance(weight, quant.QuantWeight):
+        return quant.linear_q8(x, weight)
     return F.linear(x, weight)
 
 

@@ -42,8 +42,10 @@ class QuantWeight:
         n, k = self.shape
         want = (n, k // BLOCK * BLOCK_BYTES[self.kind])
         if k % BLOCK or self.blocks.dtype != torch.uint8 or tuple(self.blocks.shape) != want:
-            raise ValueError(f"{self.kind} [{n}, {k}]: expected uint8 blocks {want}, got "
-                             f"{self.blocks.dtype} {tuple(self.blocks.shape)}")
+            raise ValueError(
+                f"{self.kind} [{n}, {k}]: expected uint8 blocks {want}, got "
+                f"{self.blocks.dtype} {tuple(self.blocks.shape)}"
+            )
 
     def rows(self, index: torch.Tensor) -> QuantWeight:
         """The rows `index` (int64 [R]), e.g. a row reordering or an embedding lookup."""
@@ -117,3 +119,11 @@ def linear_q8(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
 def dequant_linear(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
     """Plain reference: x [..., K] @ dequantize(qw).T in fp32 -> [..., N] in x's dtype."""
     return F.linear(x.float(), dequantize(qw)).to(x.dtype)
+
+
+def stack_rows(ws: list[torch.Tensor | QuantWeight], dtype: torch.dtype) -> torch.Tensor | QuantWeight:
+    """Weights stacked by rows for one GEMM: blocks when all are quantized alike, else dense
+    in `dtype` (a file may quantize v differently from q and k)."""
+    if all(isinstance(w, QuantWeight) for w in ws) and len({w.kind for w in ws}) == 1:
+        return cat_rows(ws)
+    return torch.cat([dequantize(w).to(dtype) if isinstance(w, QuantWeight) else w for w in ws])

@@ -9,17 +9,17 @@ head dim the attention kernels are not built for), which `Backend.for_model` rea
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (loaded before _C, which links against it)
+import torch  # (loaded before _C, which links against it)
 
 from firp_engine import _C  # ImportError here = backend unavailable
 from firp_engine.ops import register
+from firp_engine.quant import QuantWeight
 
 OPS = (
     "rms_norm",
     "add_rms_norm",
     "rope",
     "silu_mul",
-    "pack_linear",
     "linear",
     "write_kv",
     "paged_decode_attention",
@@ -30,6 +30,16 @@ OPS = (
 
 for _name in OPS:
     register(_name, "cpu")(getattr(_C, _name))
+
+
+@register("pack_linear", "cpu")
+def pack_linear(weight: torch.Tensor | QuantWeight) -> torch.Tensor:
+    """Dense weights: panels for the bf16/fp32 kernels; GGUF blocks: a self-describing uint8
+    pack for the quantized kernel (csrc/cpu/quant.cpp). `linear` tells them apart."""
+    if isinstance(weight, QuantWeight):
+        return _C.pack_quant(weight.blocks, weight.kind)
+    return _C.pack_linear(weight)
+
 
 # The SIMD path the build compiled in ("avx512bf16", "avx512", "avx2" or "scalar").
 ISA: str = _C.cpu_isa
