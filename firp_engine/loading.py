@@ -66,14 +66,17 @@ def default_model_path() -> Path:
     return path
 
 
-WEIGHT_FORMATS = ("fp32", "native")
+# "native": GGUF blocks, activations quantized to 8 bits in the GEMM (the fast path);
+# "native-float": GGUF blocks, activations kept in the run dtype (fp32: the fp32 model's bits).
+WEIGHT_FORMATS = ("fp32", "native", "native-float")
 
 
 def load(model: str | Path | None = None, weights: str = "fp32") -> Checkpoint:
     """Read a checkpoint (None: the default model). Nothing is cached: the caller holds the
     fp32 tensors only as long as it needs them (`LLM` drops them once the model is cast).
-    weights: "fp32" dequantizes everything; "native" keeps a GGUF's quantized matrices as
-    blocks (a Hugging Face folder has none: its weights load as fp32 either way)."""
+    weights: "fp32" dequantizes everything; "native" and "native-float" keep a GGUF's
+    quantized matrices as blocks (WEIGHT_FORMATS; a Hugging Face folder has none: its weights
+    load as fp32 either way)."""
     if weights not in WEIGHT_FORMATS:
         raise FirpError(f"unknown weight format '{weights}' (choose from {', '.join(WEIGHT_FORMATS)})")
     path = Path(model) if model else default_model_path()
@@ -83,7 +86,7 @@ def load(model: str | Path | None = None, weights: str = "fp32") -> Checkpoint:
         return load_hf_folder(path)
     if path.suffix != ".gguf":
         raise FirpError(f"{path}: expected a .gguf file or a Hugging Face model folder")
-    return load_gguf(path, native=weights == "native")
+    return load_gguf(path, act={"native": "q8", "native-float": "float"}.get(weights))
 
 
 def release_freed_memory() -> None:
@@ -129,11 +132,11 @@ def _dequantize(t) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
 
 
-def _native(t) -> QuantWeight:
+def _native(t, act: str) -> QuantWeight:
     """A GGUF matrix as its blocks (a copy: the reader's memory map is not kept)."""
     n, k = (int(s) for s in reversed(t.shape))
     blocks = torch.from_numpy(np.array(t.data, dtype=np.uint8)).reshape(n, -1)
-    return QuantWeight(t.tensor_type.name, (n, k), blocks)
+    return QuantWeight(t.tensor_type.name, (n, k), blocks, act)
 
 
 def _unpermute(w: torch.Tensor | QuantWeight, n_heads: int) -> torch.Tensor | QuantWeight:
@@ -144,7 +147,8 @@ def _unpermute(w: torch.Tensor | QuantWeight, n_heads: int) -> torch.Tensor | Qu
     return w.rows(order) if isinstance(w, QuantWeight) else w[order]
 
 
-def load_gguf(path: Path, native: bool = False) -> Checkpoint:
+def load_gguf(path: Path, act: str | None = None) -> Checkpoint:
+    """act None: all fp32; else the quantized matrices as QuantWeight with this act."""
     from firp_engine.tokenizer import Tokenizer
 
     reader = read_gguf(path)
@@ -156,8 +160,8 @@ def load_gguf(path: Path, native: bool = False) -> Checkpoint:
     cfg = ModelConfig.from_gguf(fields, vocab_rows, has_output="output.weight" in tensors)
     weights: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
-        keep = native and t.tensor_type.name in BLOCK_BYTES and len(t.shape) == 2  # never a norm
-        w = _native(t) if keep else _dequantize(t)
+        keep = act and t.tensor_type.name in BLOCK_BYTES and len(t.shape) == 2  # never a norm
+        w = _native(t, act) if keep else _dequantize(t)
         if name == "token_embd.weight":
             weights["model.embed_tokens.weight"] = w
         elif name == "output_norm.weight":

@@ -104,10 +104,10 @@ def pack_linear(weight: torch.Tensor) -> torch.Tensor:
 @reference
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: object) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T -> [M, N]; `packed` is what pack_linear returned. A
-    QuantWeight (GGUF blocks): the native kernel's definition, x quantized per row to 8-bit
-    blocks (quant.linear_q8; quant.dequant_linear is the plain dequantize-then-matmul)."""
+    QuantWeight (GGUF blocks): the native kernel's definition for its act (firp_engine/quant.py:
+    x quantized per row to 8-bit blocks, or x @ the dequantized weights)."""
     if isinstance(weight, quant.QuantWeight):
-        return quant.linear_q8(x, weight)
+        return quant.reference_linear(x, weight)
     return F.linear(x, weight)
 
 

@@ -7,14 +7,16 @@ weights, bytes in GGUF order. The kinds (w = the weight, q its stored integer):
     Q8_0  34 bytes: fp16 d, 32 int8                      w = d * q
 Byte j of the nibbles holds weight j (low nibble) and weight j + 16 (high nibble).
 
-The native GEMM (`linear_q8`, the cpu kernel in csrc/cpu/quant.cpp) quantizes each row of x
-to 8-bit blocks of 32, so that a block's dot product is an exact integer. Its definition, per
-output (m, n), over the blocks b in order, all in fp32 with one rounding per fma:
+The native GEMM (the cpu kernel in csrc/cpu/quant.cpp) has two definitions, by `act`:
+  "float": x stays fp32/bf16; `dequant_linear`, x @ the dequantized weights in fp32 (the
+           kernel: one FMA chain per output over k in order, as the dense fp32 kernel).
+  "q8":    `linear_q8`: each row of x is quantized to 8-bit blocks of 32, so that a block's
+           dot product is an exact integer. Per output (m, n), over the blocks b in order,
+           in fp32 with one rounding per fma:
     dx[m, b] = amax_b / 127, xq = round_half_even(x * (127 / amax_b))   (0 where amax_b = 0)
     acc = fma(float(sum_j q[n, b, j] * xq[m, b, j]), d[n, b] * dx[m, b], acc)
     Q4_1 also: acc = fma(m[n, b], dx[m, b] * float(sum_j xq[m, b, j]), acc)
-(Q4_0's "- 8" stays in the integer sum.) `dequant_linear` is the plain reference: x @ the
-dequantized weights, in fp32.
+(Q4_0's "- 8" stays in the integer sum.)
 """
 
 from __future__ import annotations
@@ -26,17 +28,22 @@ import torch.nn.functional as F
 
 BLOCK = 32  # weights per block, every kind
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+ACTS = ("q8", "float")  # how the GEMM treats x (module docstring)
 
 
 @dataclass
 class QuantWeight:
-    """A GGUF quantized matrix: kind, shape [N, K], blocks uint8 [N, K/32 * block bytes]."""
+    """A GGUF quantized matrix: kind, shape [N, K], blocks uint8 [N, K/32 * block bytes], and
+    act, how its GEMM treats the activations ("q8" or "float")."""
 
     kind: str
     shape: tuple[int, int]
     blocks: torch.Tensor
+    act: str = "q8"
 
     def __post_init__(self) -> None:
+        if self.act not in ACTS:
+            raise ValueError(f"unknown act {self.act} (have {', '.join(ACTS)})")
         if self.kind not in BLOCK_BYTES:
             raise ValueError(f"unsupported quant kind {self.kind} (have {', '.join(BLOCK_BYTES)})")
         n, k = self.shape
@@ -49,15 +56,16 @@ class QuantWeight:
 
     def rows(self, index: torch.Tensor) -> QuantWeight:
         """The rows `index` (int64 [R]), e.g. a row reordering or an embedding lookup."""
-        return QuantWeight(self.kind, (index.numel(), self.shape[1]), self.blocks[index])
+        return QuantWeight(self.kind, (index.numel(), self.shape[1]), self.blocks[index], self.act)
 
 
 def cat_rows(ws: list[QuantWeight]) -> QuantWeight:
     """Rows stacked (one GEMM for q, k and v): blocks are per row, so rows concatenate."""
-    kinds, ks = {w.kind for w in ws}, {w.shape[1] for w in ws}
+    kinds, ks = {(w.kind, w.act) for w in ws}, {w.shape[1] for w in ws}
     if len(kinds) != 1 or len(ks) != 1:
         raise ValueError(f"cannot stack quantized weights of kinds {kinds} and K {ks}")
-    return QuantWeight(ws[0].kind, (sum(w.shape[0] for w in ws), ks.pop()), torch.cat([w.blocks for w in ws]))
+    rows = sum(w.shape[0] for w in ws)
+    return QuantWeight(ws[0].kind, (rows, ks.pop()), torch.cat([w.blocks for w in ws]), ws[0].act)
 
 
 def _half(b: torch.Tensor) -> torch.Tensor:
@@ -117,13 +125,19 @@ def linear_q8(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
 
 
 def dequant_linear(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
-    """Plain reference: x [..., K] @ dequantize(qw).T in fp32 -> [..., N] in x's dtype."""
+    """act "float" and the plain reference: x [..., K] @ dequantize(qw).T in fp32 -> [..., N]
+    in x's dtype."""
     return F.linear(x.float(), dequantize(qw)).to(x.dtype)
+
+
+def reference_linear(x: torch.Tensor, qw: QuantWeight) -> torch.Tensor:
+    """The definition the kernel computes for qw's act."""
+    return linear_q8(x, qw) if qw.act == "q8" else dequant_linear(x, qw)
 
 
 def stack_rows(ws: list[torch.Tensor | QuantWeight], dtype: torch.dtype) -> torch.Tensor | QuantWeight:
     """Weights stacked by rows for one GEMM: blocks when all are quantized alike, else dense
     in `dtype` (a file may quantize v differently from q and k)."""
-    if all(isinstance(w, QuantWeight) for w in ws) and len({w.kind for w in ws}) == 1:
+    if all(isinstance(w, QuantWeight) for w in ws) and len({(w.kind, w.act) for w in ws}) == 1:
         return cat_rows(ws)
     return torch.cat([dequantize(w).to(dtype) if isinstance(w, QuantWeight) else w for w in ws])

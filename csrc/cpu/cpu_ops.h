@@ -32,7 +32,7 @@ at::Tensor firp_project(const at::Tensor& h, const at::Tensor& weight, const Opt
                         const OptTensor& out);
 
 // ---- quant.cpp (GGUF Q4_0 / Q4_1 / Q8_0 weights; `linear` dispatches to quant_linear on such a pack)
-at::Tensor pack_quant(const at::Tensor& blocks, const std::string& kind);
+at::Tensor pack_quant(const at::Tensor& blocks, const std::string& kind, const std::string& act);
 bool is_quant_pack(const at::Tensor& packed);
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed);
 

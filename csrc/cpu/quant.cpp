@@ -1,5 +1,10 @@
 // Native GGUF weights (Q4_0, Q4_1, Q8_0): small-M GEMM y[M, N] = x[M, K] @ W^T straight on the
-// blocks, the definition of firp_engine/quant.py's linear_q8:
+// blocks. Two definitions, chosen when the weight is packed (the pack's `act`):
+// act "float" (firp_engine/quant.py's dequant_linear): each weight is dequantized in registers
+//   exactly as gguf does it (d * q, then + m), and each output is one fp32 FMA chain over k in
+//   order, the chain of the dense fp32 kernel (linear.cpp): with fp32 x, the same bits as the
+//   dense fp32 model. Reads 4.5-8.5 bits per weight instead of 32; costs more instructions.
+// act "q8" (quant.py's linear_q8):
 //   - each row of x is quantized on its own to 8-bit blocks of 32 (scale dx = amax / 127),
 //     so a block's dot product with a weight block is an exact integer, made with AVX2's
 //     maddubs (u8 x s8 pairs -> s16) and madd (s16 pairs -> s32): 32 multiply-adds per
@@ -11,7 +16,7 @@
 //     (threads split the panels, never K), and the portable code gives the same bits.
 //
 // Packed layout (pack_quant, made once at load): a uint8 tensor, a 64-byte header of int64
-// {MAGIC, kind, N, K, panels, bytes per panel block, 0, 0}, then panels of PANEL = 8 output
+// {MAGIC, kind, N, K, panels, bytes per panel block, act, 0}, then panels of PANEL = 8 output
 // rows (zero-padded past N), each K/32 panel blocks in K order:
 //   Q4_0: d[8] fp16 | q[128]            Q4_1: d[8] fp16 | m[8] fp16 | q[128]
 //   Q8_0: d[8] fp16 | q[256]
@@ -19,7 +24,8 @@
 //   Q4: chunk i holds GGUF nibble bytes 4i..4i+3 of each row: low nibbles k = 4i + t,
 //       high nibbles k = 16 + 4i + t;   Q8: chunk g holds k = 4g + t.
 // So one chunk (after a mask or a shift for Q4) times a broadcast of 4 bytes of xq gives the
-// 8 rows' partial dots in the 8 int32 lanes, with no horizontal sums. The bytes per weight
+// 8 rows' partial dots in the 8 int32 lanes, with no horizontal sums; and byte t of each lane
+// (a shift) is the 8 rows' weights at one k, what the float path's FMA needs. The bytes per weight
 // stay GGUF's (the fp16 scales are converted in the kernel).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -41,6 +47,8 @@ constexpr int64_t GRAIN_BYTES = 1 << 16;     // packed bytes below which one thr
 constexpr int MAX_MR = 4;
 
 enum Kind : int64_t { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
+enum Act : int64_t { ACT_Q8 = 0, ACT_FLOAT = 1 };
+constexpr const char* ACT_NAMES[] = {"q8", "float"};
 
 struct KindInfo {
   const char* name;
@@ -107,10 +115,13 @@ QuantX quantize_x(const XT* x, int64_t ldx, int64_t M, int64_t K) {
 
 struct Problem {
   Kind kind;
+  Act act;
   const uint8_t* panels;  // after the header
   int64_t pb_bytes;       // bytes per panel block
   int64_t nb;             // blocks per row (K / 32)
-  const QuantX* x;
+  const QuantX* x;       // act q8: the quantized rows
+  const float* xf;       // act float: x [M, ldx] as floats
+  int64_t ldx;
   int64_t M, N, K;
   float* out_f;           // [M, N], one of the two is set
   bf16_t* out_h;
@@ -186,6 +197,54 @@ inline void tile(const Problem& pb, const uint8_t* w, int64_t m0, float* c) {
   FIRP_UNROLL for (int r = 0; r < MR; ++r)
     FIRP_UNROLL for (int p = 0; p < NP; ++p) _mm256_storeu_ps(c + r * NP * PANEL + p * PANEL, acc[r][p]);
 }
+
+// act float: the 8 rows' weights at k = 4i + t (hi: 16 + 4i + t) of the panel block, as gguf
+// dequantizes them.
+template <Kind KD>
+inline __m256 weights_at(__m256i chunk, int t, bool hi, __m256 d, __m256 m) {
+  if constexpr (KD == Q8_0) {  // byte t of each lane, sign-extended
+    const __m256i q = _mm256_srai_epi32(_mm256_slli_epi32(chunk, 24 - 8 * t), 24);
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+  } else {
+    __m256i q = _mm256_and_si256(_mm256_srli_epi32(chunk, 8 * t + (hi ? 4 : 0)), _mm256_set1_epi32(0x0F));
+    if constexpr (KD == Q4_0) q = _mm256_sub_epi32(q, _mm256_set1_epi32(8));
+    const __m256 w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(q));
+    return KD == Q4_1 ? _mm256_add_ps(w, m) : w;
+  }
+}
+
+template <Kind KD, int MR, int NP>
+inline void tile_float(const Problem& pb, const uint8_t* w, int64_t m0, float* c) {
+  const int64_t pstride = pb.nb * pb.pb_bytes, ldx = pb.ldx;
+  const float* x = pb.xf + m0 * ldx;
+  __m256 acc[MR][NP];
+  FIRP_UNROLL for (int r = 0; r < MR; ++r)
+    FIRP_UNROLL for (int p = 0; p < NP; ++p) acc[r][p] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < pb.nb; ++b) {
+    const float* xb = x + b * QK;
+    FIRP_UNROLL for (int p = 0; p < NP; ++p) {
+      const uint8_t* blk = w + p * pstride + b * pb.pb_bytes;
+      __builtin_prefetch(blk + NP * pstride);
+      const uint8_t* q = blk + KINDS[KD].scale_bytes;
+      const __m256 d = load_half8(blk), m = KD == Q4_1 ? load_half8(blk + 16) : d;
+      // k in order 0..31: Q4 takes the low nibbles of chunks 0-3, then the high ones; Q8 chunks 0-7.
+      constexpr int CHUNKS = KD == Q8_0 ? 8 : 4;
+      FIRP_UNROLL for (int half = 0; half < (KD == Q8_0 ? 1 : 2); ++half) {
+        FIRP_UNROLL for (int i = 0; i < CHUNKS; ++i) {
+          const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * i));
+          FIRP_UNROLL for (int t = 0; t < 4; ++t) {
+            const __m256 wv = weights_at<KD>(chunk, t, half == 1, d, m);
+            const int k = 16 * half + 4 * i + t;
+            FIRP_UNROLL for (int r = 0; r < MR; ++r)
+              acc[r][p] = _mm256_fmadd_ps(wv, _mm256_set1_ps(xb[r * ldx + k]), acc[r][p]);
+          }
+        }
+      }
+    }
+  }
+  FIRP_UNROLL for (int r = 0; r < MR; ++r)
+    FIRP_UNROLL for (int p = 0; p < NP; ++p) _mm256_storeu_ps(c + r * NP * PANEL + p * PANEL, acc[r][p]);
+}
 #else
 // Portable: the same operations lane by lane (the integer sums are exact, the float steps the
 // same fma chain), so the same bits as the AVX2 path.
@@ -227,12 +286,53 @@ inline void tile(const Problem& pb, const uint8_t* w, int64_t m0, float* c) {
     }
   }
 }
+
+// act float, portable: per output the same dequantization and the same FMA chain over k.
+template <Kind KD, int MR, int NP>
+inline void tile_float(const Problem& pb, const uint8_t* w, int64_t m0, float* c) {
+  const int64_t pstride = pb.nb * pb.pb_bytes;
+  for (int r = 0; r < MR; ++r) {
+    const float* x = pb.xf + (m0 + r) * pb.ldx;
+    for (int p = 0; p < NP; ++p) {
+      for (int col = 0; col < PANEL; ++col) {
+        float acc = 0.f;
+        for (int64_t b = 0; b < pb.nb; ++b) {
+          const uint8_t* blk = w + p * pstride + b * pb.pb_bytes;
+          const uint8_t* q = blk + KINDS[KD].scale_bytes;
+          uint16_t dh, mh = 0;
+          std::memcpy(&dh, blk + 2 * col, 2);
+          if constexpr (KD == Q4_1) std::memcpy(&mh, blk + 16 + 2 * col, 2);
+          const float d = half_to_float(dh), m = half_to_float(mh);
+          for (int k = 0; k < QK; ++k) {
+            float wv;
+            if constexpr (KD == Q8_0) {
+              wv = float(int8_t(q[32 * (k / 4) + 4 * col + k % 4])) * d;
+            } else {
+              const int kk = k % 16;
+              const uint8_t byte = q[32 * (kk / 4) + 4 * col + kk % 4];
+              const int nib = k < 16 ? byte & 0x0F : byte >> 4;
+              wv = KD == Q4_0 ? d * float(nib - 8) : d * float(nib);
+              if constexpr (KD == Q4_1) wv = wv + m;
+            }
+            acc = std::fma(wv, x[b * QK + k], acc);
+          }
+        }
+        c[r * NP * PANEL + p * PANEL + col] = acc;
+      }
+    }
+  }
+}
 #endif
 
 template <Kind KD, int MR, int NP>
 inline void run_tile(const Problem& pb, int64_t p, int64_t m0) {
   alignas(32) float c[MR * NP * PANEL];
-  tile<KD, MR, NP>(pb, pb.panels + p * pb.nb * pb.pb_bytes, m0, c);
+  const uint8_t* w = pb.panels + p * pb.nb * pb.pb_bytes;
+  if (pb.act == ACT_FLOAT) {
+    tile_float<KD, MR, NP>(pb, w, m0, c);
+  } else {
+    tile<KD, MR, NP>(pb, w, m0, c);
+  }
   const int64_t n0 = p * PANEL, ncols = std::min<int64_t>(NP * PANEL, pb.N - n0);
   for (int r = 0; r < MR; ++r) {
     const float* src = c + r * NP * PANEL;
@@ -293,12 +393,15 @@ bool is_quant_pack(const at::Tensor& packed) {
          packed.is_contiguous() && header(packed)[0] == MAGIC;
 }
 
-at::Tensor pack_quant(const at::Tensor& blocks, const std::string& kind_name) {
+at::Tensor pack_quant(const at::Tensor& blocks, const std::string& kind_name, const std::string& act_name) {
   check_cpu(blocks, "pack_quant");
-  int64_t kind = -1;
+  int64_t kind = -1, act = -1;
   for (int64_t k = 0; k < 3; ++k)
     if (kind_name == KINDS[k].name) kind = k;
+  for (int64_t a = 0; a < 2; ++a)
+    if (act_name == ACT_NAMES[a]) act = a;
   TORCH_CHECK(kind >= 0, "pack_quant: unsupported kind ", kind_name, " (Q4_0, Q4_1, Q8_0)");
+  TORCH_CHECK(act >= 0, "pack_quant: unknown act ", act_name, " (q8, float)");
   const KindInfo& info = KINDS[kind];
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.size(1) % info.gguf_bytes == 0,
               "pack_quant: expected uint8 blocks [N, K/32 * ", info.gguf_bytes, "], got ", blocks.scalar_type(),
@@ -308,7 +411,7 @@ at::Tensor pack_quant(const at::Tensor& blocks, const std::string& kind_name) {
   const int64_t np = (N + PANEL - 1) / PANEL, pbb = info.scale_bytes + info.q_bytes;
   at::Tensor out = at::zeros({HEADER + np * nb * pbb}, src.options());
   int64_t* h = ptr<int64_t>(out);
-  h[0] = MAGIC, h[1] = kind, h[2] = N, h[3] = K, h[4] = np, h[5] = pbb;
+  h[0] = MAGIC, h[1] = kind, h[2] = N, h[3] = K, h[4] = np, h[5] = pbb, h[6] = act;
   const uint8_t* in = ptr<uint8_t>(src);
   uint8_t* panels = ptr<uint8_t>(out) + HEADER;
   const int64_t qoff = info.gguf_bytes - info.q_bytes / PANEL;  // where a GGUF block's quants start
@@ -333,7 +436,7 @@ at::Tensor pack_quant(const at::Tensor& blocks, const std::string& kind_name) {
 at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& packed) {
   check_cpu(x_in, "linear");
   const int64_t* h = header(packed);
-  TORCH_CHECK(h[1] >= 0 && h[1] < 3 && h[3] % QK == 0 && packed.numel() == HEADER + h[4] * (h[3] / QK) * h[5],
+  TORCH_CHECK(h[1] >= 0 && h[1] < 3 && (h[6] == ACT_Q8 || h[6] == ACT_FLOAT) && h[3] % QK == 0 && packed.numel() == HEADER + h[4] * (h[3] / QK) * h[5],
               "linear: a corrupt quantized pack (not made by pack_quant?)");
   const Kind kind = Kind(h[1]);
   const int64_t N = h[2], K = h[3], np = h[4];
@@ -346,13 +449,25 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, const 
   const int64_t M = x.size(0);
   at::Tensor out = at::empty(out_shape, x.options());
   if (M == 0 || N == 0) return out;
-  QuantX qx;
-  dispatch_float(x, "linear", [&](auto t) {
-    using XT = decltype(t);
-    qx = quantize_x(ptr<XT>(x), x.stride(0), M, K);
-  });
+  const Act act = Act(h[6]);
   const bool f32 = x.scalar_type() == at::kFloat;
-  const Problem pb{kind, ptr<uint8_t>(packed) + HEADER, h[5], K / QK, &qx, M, N, K,
+  QuantX qx;
+  std::vector<float> xf;  // act float with bf16 x: the rows as floats
+  if (act == ACT_Q8) {
+    dispatch_float(x, "linear", [&](auto t) {
+      using XT = decltype(t);
+      qx = quantize_x(ptr<XT>(x), x.stride(0), M, K);
+    });
+  } else if (!f32) {
+    dispatch_float(x, "linear", [](auto) {});  // dtype check
+    xf.resize(M * K);
+    const bf16_t* src = ptr<bf16_t>(x);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xf[m * K + k] = bf16_to_float(src[m * x.stride(0) + k]);
+  }
+  const float* xrows = act == ACT_Q8 ? nullptr : f32 ? ptr<float>(x) : xf.data();
+  const Problem pb{kind, act, ptr<uint8_t>(packed) + HEADER, h[5], K / QK, &qx, xrows,
+                   f32 || act == ACT_Q8 ? x.stride(0) : K, M, N, K,
                    f32 ? ptr<float>(out) : nullptr, f32 ? nullptr : ptr<bf16_t>(out)};
   switch (kind) {
     case Q4_0: run_kind<Q4_0>(pb, np); break;

@@ -37,7 +37,7 @@ def pack_linear(weight: torch.Tensor | QuantWeight) -> torch.Tensor:
     """Dense weights: panels for the bf16/fp32 kernels; GGUF blocks: a self-describing uint8
     pack for the quantized kernel (csrc/cpu/quant.cpp). `linear` tells them apart."""
     if isinstance(weight, QuantWeight):
-        return _C.pack_quant(weight.blocks, weight.kind)
+        return _C.pack_quant(weight.blocks, weight.kind, weight.act)
     return _C.pack_linear(weight)
 
 
