@@ -45,6 +45,11 @@ class Checkpoint:
     tokenizer: object  # firp_engine.tokenizer.Tokenizer
     source: str
 
+    def weight_format(self) -> str:
+        """What load() was asked for (WEIGHT_FORMATS), read from the weights themselves."""
+        acts = {w.act for w in self.weights.values() if isinstance(w, QuantWeight)}
+        return "dense" if not acts else "native" if acts == {"q8"} else "native-float"
+
     def fingerprint(self) -> str:
         """Identifies the base model (a FIRP head trained for another model is refused)."""
         h = hashlib.sha256(json.dumps(self.config.__dict__, sort_keys=True, default=str).encode())
@@ -66,15 +71,16 @@ def default_model_path() -> Path:
     return path
 
 
+# "dense": fp32 tensors (quantized ones dequantized), which the model casts to the run dtype;
 # "native": GGUF blocks, activations quantized to 8 bits in the GEMM (the fast path);
 # "native-float": GGUF blocks, activations kept in the run dtype (fp32: the fp32 model's bits).
-WEIGHT_FORMATS = ("fp32", "native", "native-float")
+WEIGHT_FORMATS = ("dense", "native", "native-float")
 
 
-def load(model: str | Path | None = None, weights: str = "fp32") -> Checkpoint:
+def load(model: str | Path | None = None, weights: str = "dense") -> Checkpoint:
     """Read a checkpoint (None: the default model). Nothing is cached: the caller holds the
     fp32 tensors only as long as it needs them (`LLM` drops them once the model is cast).
-    weights: "fp32" dequantizes everything; "native" and "native-float" keep a GGUF's
+    weights: "dense" dequantizes everything; "native" and "native-float" keep a GGUF's
     quantized matrices as blocks (WEIGHT_FORMATS; a Hugging Face folder has none: its weights
     load as fp32 either way)."""
     if weights not in WEIGHT_FORMATS:
