@@ -244,3 +244,15 @@ def test_default_model_native_q8_drifts_like_bf16(default_llm):
     ours = engine_logits(default_native("native"), ids)
     assert (ours - ref).abs().mean().item() < 0.35
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
+
+
+@needs_cpu
+@pytest.mark.parametrize("weights", ["native", "native-float"])
+def test_speculative_methods_equal_ar_under_native_weights(weights):
+    """FIRP, Medusa (the shipped heads) and PLD give ar's tokens, token for token: the quantized
+    GEMM holds row invariance, so a verified row is the row a plain decode step computes."""
+    llm = default_native(weights)
+    prompts = ["What is the capital of France?", "List three uses of Python."]
+    ar = [r.new_ids for r in llm.generate(prompts, max_new_tokens=48)]
+    for method in ("firp", "medusa", "pld"):
+        assert [r.new_ids for r in llm.generate(prompts, method=method, max_new_tokens=48)] == ar, method
