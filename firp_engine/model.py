@@ -131,7 +131,7 @@ class Transformer:
         self.backend = (backend or Backend.create("torch")).for_model(self.cfg, self.dtype)
         self.device = self.backend.device
         if self.device.type != "cpu" and any(isinstance(v, QuantWeight) for v in ckpt.weights.values()):
-            raise FirpError("native (quantized) weights run on the CPU only: load them as fp32")
+            raise FirpError("native (quantized) weights run on the CPU only: use --weights dense")
         w = {
             k: v if isinstance(v, QuantWeight) else v.to(self.device, self.dtype)
             for k, v in ckpt.weights.items()
@@ -175,6 +175,7 @@ class Transformer:
             tensors += [lw.attn_norm, lw.ffn_norm]
             for lin in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down):
                 tensors += [lin._weight, lin.packed]
+        # a dropped original holds nothing; a quantized one, its blocks
         tensors = [t.blocks if isinstance(t, QuantWeight) else t for t in tensors if t is not None]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         return sum(storages.values())

@@ -25,8 +25,8 @@
 //       high nibbles k = 16 + 4i + t;   Q8: chunk g holds k = 4g + t.
 // So one chunk (after a mask or a shift for Q4) times a broadcast of 4 bytes of xq gives the
 // 8 rows' partial dots in the 8 int32 lanes, with no horizontal sums; and byte t of each lane
-// (a shift) is the 8 rows' weights at one k, what the float path's FMA needs. The bytes per weight
-// stay GGUF's (the fp16 scales are converted in the kernel).
+// (a shift) is the 8 rows' weights at one k, what the float path's FMA needs. The bytes per
+// weight stay GGUF's (the fp16 scales are converted in the kernel).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -42,7 +42,7 @@ namespace {
 constexpr int PANEL = 8;
 constexpr int QK = 32;                       // weights per block
 constexpr int64_t HEADER = 64;               // bytes before the panels
-constexpr int64_t MAGIC = 0x3151505249464LL; // "FIRPQ1", little-endian
+constexpr int64_t MAGIC = 0x315150524946LL;  // the bytes "FIRPQ1" (little-endian)
 constexpr int64_t GRAIN_BYTES = 1 << 16;     // packed bytes below which one thread does the work
 constexpr int MAX_MR = 4;
 
