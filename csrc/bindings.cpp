@@ -55,6 +55,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale"), py::arg("out") = none);
   m.def("firp_project", &firp::firp_project, py::arg("h"), py::arg("weight"), py::arg("bias"),
         py::arg("out") = none);
+  // Released GIL: a server's HTTP threads run while the engine thread is in the layers.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  py::class_<firp::LayerStack>(m, "LayerStack")
+      .def(py::init<std::vector<std::vector<at::Tensor>>, at::Tensor, at::Tensor, int64_t, int64_t, int64_t, double,
+                    double>(),
+           py::arg("layers"), py::arg("cos"), py::arg("sin"), py::arg("n_heads"), py::arg("n_kv_heads"),
+           py::arg("head_dim"), py::arg("eps"), py::arg("scale"))
+      .def_property_readonly("n_layers", &firp::LayerStack::n_layers)
+      .def("decode", &firp::LayerStack::decode, py::arg("h"), py::arg("positions"), py::arg("k_cache"),
+           py::arg("v_cache"), py::arg("slots"), py::arg("page_tables"), py::arg("context_lens"), py::arg("start"),
+           py::arg("end"), nogil)
+      .def("spans", &firp::LayerStack::spans, py::arg("h"), py::arg("positions"), py::arg("k_cache"),
+           py::arg("v_cache"), py::arg("slots"), py::arg("k_scratch"), py::arg("v_scratch"), py::arg("starts"),
+           py::arg("ends"), py::arg("page_tables"), py::arg("prefix_lens"), py::arg("mask_bits"),
+           py::arg("scratch_starts"), py::arg("start"), py::arg("end"), nogil);
   m.def("kv_commit", &firp::kv_commit, py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scratch"),
         py::arg("v_scratch"), py::arg("src_rows"), py::arg("dst_slots"));
 

@@ -30,13 +30,32 @@ from firp_engine.errors import FirpError, FirpWarning
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 # The packed weight layout belongs to the kernel that reads it: these two run together.
 LINEAR_OPS = ("pack_linear", "linear")
+# The ops one decoder layer runs: a backend's C++ layer loop (`layer_stack`) calls its own
+# kernels for all of them, so it is used only when none of them falls back.
+LAYER_OPS = (
+    "rms_norm",
+    "add_rms_norm",
+    "rope",
+    "silu_mul",
+    "linear",
+    "write_kv",
+    "paged_decode_attention",
+    "tree_attention",
+)
 
 
 class Backend:
     """name, device, CPU ISA path (cpu backend), the ops that run the torch reference
     (`fallbacks`), and `op(name)` / `call(name, ...)` to run an op."""
 
-    def __init__(self, name: str, device: torch.device, kernels: dict[str, Callable], isa: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        device: torch.device,
+        kernels: dict[str, Callable],
+        isa: str | None = None,
+        stack: Callable | None = None,
+    ):
         if not all(op in kernels for op in LINEAR_OPS):
             kernels = {op: fn for op, fn in kernels.items() if op not in LINEAR_OPS}
         self.name = name
@@ -45,6 +64,7 @@ class Backend:
         self.fallbacks = tuple(op for op in ops.REFERENCES if op not in kernels)
         self._kernels = kernels
         self._impls = {op: kernels.get(op, ref) for op, ref in ops.REFERENCES.items()}
+        self._stack = stack if not set(LAYER_OPS) & set(self.fallbacks) else None
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r}, device={self.device}, fallbacks={self.fallbacks})"
@@ -59,7 +79,9 @@ class Backend:
         device = _device(name)
         module = _import(name)
         kernels = ops.REFERENCES if name == "torch" else ops.KERNELS.get(name, {})
-        backend = cls(name, device, dict(kernels), getattr(module, "ISA", None))
+        backend = cls(
+            name, device, dict(kernels), getattr(module, "ISA", None), getattr(module, "layer_stack", None)
+        )
         if backend.fallbacks:
             missing = ", ".join(backend.fallbacks)
             _warn(f"backend '{name}' has no kernel for {missing}: the torch reference runs them")
@@ -82,7 +104,12 @@ class Backend:
         why = "; ".join(reason if op in reason else f"{op}: {reason}" for op, reason in refused.items())
         _warn(f"backend '{self.name}' refuses this model ({why}): the torch reference runs those ops")
         kept = {op: fn for op, fn in self._kernels.items() if op not in refused}
-        return Backend(self.name, self.device, kept, self.isa)
+        return Backend(self.name, self.device, kept, self.isa, self._stack)
+
+    def layer_stack(self, model: Any) -> Any | None:
+        """The backend's layer loop for `model` (one call runs a range of layers, bit-identical
+        to `Transformer.run_layer` on this backend's kernels), or None: then Python loops."""
+        return self._stack(model) if self._stack is not None else None
 
     def op(self, name: str) -> Callable:
         """The implementation this backend runs for op `name` (kernel or reference)."""

@@ -58,10 +58,14 @@ class Linear:
             )
         return self._weight
 
+    def kernel_args(self) -> tuple[torch.Tensor | QuantWeight, torch.Tensor | QuantWeight]:
+        """(weight, packed) as the linear kernel takes them: the weight may be its meta stand-in."""
+        return self._arg, self.packed
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._weight is None and torch.is_grad_enabled():
             self.weight  # noqa: B018  (raises: autograd would need the original weight)
-        return self.backend.call("linear", x, self._arg, self.packed)
+        return self.backend.call("linear", x, *self.kernel_args())
 
 
 @dataclass
@@ -147,6 +151,8 @@ class Transformer:
         self.q_size = cfg.n_heads * cfg.head_dim
         self.kv_size = cfg.n_kv_heads * cfg.head_dim
         self.cache: KVCache | None = None
+        # The backend's C++ layer loop, when it has one (cpu): same kernels, no Python between them.
+        self.stack = self.backend.layer_stack(self)
 
     def _layer(self, w: dict[str, torch.Tensor], p: str) -> LayerWeights:
         qkv = stack_rows([w[p + f"self_attn.{x}_proj.weight"] for x in "qkv"], self.dtype)
@@ -256,10 +262,42 @@ class Transformer:
 
     def forward(self, batch: Batch, h: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Run layers [start, end) on hidden rows h [T, d] (embed_tokens() for layer 0)."""
+        end = self.cfg.n_layers if end is None else end
+        if self.stack is not None and not torch.is_grad_enabled():
+            return self._forward_stack(batch, h, start, end)
         attend = self.paged_attend(batch)
-        for i in range(start, self.cfg.n_layers if end is None else end):
+        for i in range(start, end):
             h = self.run_layer(i, h, batch.positions, attend)
         return h
+
+    def _forward_stack(self, batch: Batch, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """forward() through the backend's layer loop: paged_attend's work, metadata made once."""
+        cache = self.cache
+        assert cache is not None, "call new_cache() first"
+        if batch.kind == "decode":  # as paged_attend: K/V to the slots, then paged decode attention
+            tables, lens = batch.decode_meta()
+            return self.stack.decode(
+                h, batch.positions, cache.k, cache.v, batch.slots, tables, lens, start, end
+            )
+        seqs = batch.seqs
+        k_scratch, v_scratch = batch.scratch if batch.scratch is not None else (None, None)
+        return self.stack.spans(
+            h,
+            batch.positions,
+            cache.k,
+            cache.v,
+            batch.slots,
+            k_scratch,
+            v_scratch,
+            [s.start for s in seqs],
+            [s.end for s in seqs],
+            [s.seq.page_table for s in seqs],
+            [s.seq.length for s in seqs],
+            [causal_bits(s.end - s.start, self.device) if s.mask_bits is None else s.mask_bits for s in seqs],
+            [s.scratch_start for s in seqs],
+            start,
+            end,
+        )
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """The model's last RMSNorm: h [T, d] -> [T, d] (what the LM head reads)."""

@@ -211,6 +211,7 @@ def test_default_model_native_holds_blocks(default_llm):
     llm = default_native("native")
     m = llm.model
     assert "linear" not in llm.backend.fallbacks
+    assert m.stack is not None  # the C++ layer loop runs them: `linear` dispatches on the pack
     linears = [x for lw in m.layers for x in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
     assert all(lin.packed.dtype == torch.uint8 and lin._weight is None for lin in linears)
     assert isinstance(m.embed, QuantWeight) and m.embed.kind == "Q8_0"

@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "simd.h"
 
@@ -44,6 +45,41 @@ at::Tensor tree_attention(const at::Tensor& q, const at::Tensor& k_cache, const 
                           const at::Tensor& page_table, int64_t prefix_len, const at::Tensor& k_new,
                           const at::Tensor& v_new, const at::Tensor& mask_bits, double scale,
                           const OptTensor& out);
+
+// ---- layers.cpp: the layer loop (Transformer.run_layer over a range of layers, in one call)
+class LayerStack {
+ public:
+  // layers[i] = {attn_norm, ffn_norm, qkv weight, qkv packed, o weight, o packed, gate_up weight,
+  // gate_up packed, down weight, down packed}: what `linear` takes (a weight may be a meta tensor).
+  LayerStack(std::vector<std::vector<at::Tensor>> layers, at::Tensor cos, at::Tensor sin, int64_t n_heads,
+             int64_t n_kv_heads, int64_t head_dim, double eps, double scale);
+  // One row per sequence: K/V written to `slots`, then paged decode attention.
+  at::Tensor decode(at::Tensor h, const at::Tensor& positions, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& slots, const at::Tensor& page_tables, const at::Tensor& context_lens,
+                    int64_t start, int64_t end) const;
+  // Rows in per-sequence spans (prefill chunks, draft trees): K/V written to `slots` and/or
+  // copied to the scratch regions, then tree attention per span under its mask.
+  at::Tensor spans(at::Tensor h, const at::Tensor& positions, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const OptTensor& slots, const OptTensor& k_scratch, const OptTensor& v_scratch,
+                   const std::vector<int64_t>& starts, const std::vector<int64_t>& ends,
+                   const std::vector<at::Tensor>& page_tables, const std::vector<int64_t>& prefix_lens,
+                   const std::vector<at::Tensor>& mask_bits, const std::vector<int64_t>& scratch_starts,
+                   int64_t start, int64_t end) const;
+  int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  struct Layer {
+    at::Tensor attn_norm, ffn_norm, qkv_w, qkv_p, o_w, o_p, gu_w, gu_p, down_w, down_p;
+  };
+  template <typename Attend>
+  at::Tensor layer(int64_t i, at::Tensor h, const at::Tensor& positions, Attend&& attend) const;
+  void check_range(int64_t start, int64_t end, const at::Tensor& k_cache) const;
+
+  std::vector<Layer> layers_;
+  at::Tensor cos_, sin_;
+  int64_t n_heads_, n_kv_heads_, head_dim_;
+  double eps_, scale_;
+};
 
 // ---- shared helpers (defined inline: tiny)
 

@@ -41,5 +41,18 @@ def pack_linear(weight: torch.Tensor | QuantWeight) -> torch.Tensor:
     return _C.pack_linear(weight)
 
 
+def layer_stack(model) -> _C.LayerStack:
+    """The C++ layer loop over `model`'s weights (csrc/cpu/layers.cpp); the tensors are shared."""
+    cfg = model.cfg
+    layers = [
+        [lw.attn_norm, lw.ffn_norm]
+        + [t for lin in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down) for t in lin.kernel_args()]
+        for lw in model.layers
+    ]
+    return _C.LayerStack(
+        layers, model.cos, model.sin, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, model.scale
+    )
+
+
 # The SIMD path the build compiled in ("avx512bf16", "avx512", "avx2" or "scalar").
 ISA: str = _C.cpu_isa
