@@ -48,6 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &firp::silu_mul, py::arg("gate_up"), py::arg("out") = none);
   m.def("pack_linear", &firp::pack_linear, py::arg("weight"));
   m.def("linear", &firp::linear, py::arg("x"), py::arg("weight"), py::arg("packed"));
+  m.def("pack_quant", &firp::pack_quant, py::arg("blocks"), py::arg("kind"), py::arg("act") = "q8");
   m.def("write_kv", &firp::write_kv, py::arg("k_cache"), py::arg("v_cache"), py::arg("k"), py::arg("v"),
         py::arg("slots"));
   m.def("paged_decode_attention", &firp::paged_decode_attention, py::arg("q"), py::arg("k_cache"),

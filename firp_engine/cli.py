@@ -17,6 +17,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     p.add_argument(
+        "--weights",
+        choices=["dense", "native", "native-float"],
+        default="dense",
+        help="dense: dequantized to --dtype; native: a GGUF's Q4_0/Q4_1/Q8_0 blocks, activations "
+        "quantized to 8 bits in the GEMM; native-float: blocks, activations kept in --dtype",
+    )
+    p.add_argument(
         "--backend",
         choices=["torch", "cpu", "triton", "cuda"],
         help="default: $FIRP_BACKEND, else cpu when the C++ extension is built, else torch",
@@ -116,6 +123,7 @@ def _llm(args):
         kv_blocks=args.kv_blocks,
         head=getattr(args, "head", None),
         threads=args.threads,
+        weights=args.weights,
     )
 
 
@@ -250,6 +258,7 @@ def cmd_info(args) -> None:
         "fingerprint": llm.fingerprint,
         "parameters": cfg.n_params(),
         "dtype": llm.dtype,
+        "weights": llm.weights,
         "backend": b.name,
         "device": str(b.device),
         "cpu_isa": b.isa,  # the SIMD path the cpu backend runs (chosen at load; FIRP_CPU_ISA)

@@ -120,17 +120,20 @@ class LLM:
         prefill_chunk: int = 512,
         head: str | None = None,
         threads: int | None = None,
+        weights: str = "dense",
     ) -> None:
         if dtype not in ("fp32", "bf16"):
             raise FirpError(f"unsupported dtype '{dtype}' (fp32 or bf16; fp16 is very slow on CPUs)")
         if threads:
             torch.set_num_threads(threads)
         backend_chosen = Backend.create(backend)  # before loading: an unusable one fails fast
-        ckpt = model if isinstance(model, Checkpoint) else load(model)
+        # weights: loading.WEIGHT_FORMATS (a Checkpoint passed in comes as it was loaded)
+        ckpt = model if isinstance(model, Checkpoint) else load(model, weights)
         self.tokenizer = ckpt.tokenizer
         self.config = ckpt.config
         self.source = Path(ckpt.source)
         self.fingerprint = ckpt.fingerprint()
+        self.weights = ckpt.weight_format()
         self.model = Transformer(ckpt, dtype, backend_chosen)
         del ckpt  # only the run-dtype weights stay alive (the model holds no reference to it)
         release_freed_memory()

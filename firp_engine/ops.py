@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from firp_engine import quant
+
 # op -> its PyTorch reference; backend name -> op -> that backend's kernel.
 REFERENCES: dict[str, Callable] = {}
 KERNELS: dict[str, dict[str, Callable]] = {}
@@ -101,7 +103,11 @@ def pack_linear(weight: torch.Tensor) -> torch.Tensor:
 
 @reference
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: object) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T -> [M, N]; `packed` is what pack_linear returned."""
+    """x [M, K] @ weight[N, K].T -> [M, N]; `packed` is what pack_linear returned. A
+    QuantWeight (GGUF blocks): the native kernel's definition for its act (firp_engine/quant.py:
+    x quantized per row to 8-bit blocks, or x @ the dequantized weights)."""
+    if isinstance(weight, quant.QuantWeight):
+        return quant.reference_linear(x, weight)
     return F.linear(x, weight)
 
 

@@ -59,7 +59,7 @@ def tiny_checkpoint(vocab: int, n_layers: int, d: int, seed: int, head_scale: fl
 
 def make_llm(ckpt: Checkpoint, backend: str = "torch") -> LLM:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(generate, "load", lambda model: ckpt)
+        mp.setattr(generate, "load", lambda model, weights="dense": ckpt)
         return LLM("tiny", backend=backend, max_context=512, kv_blocks=400)
 
 

@@ -215,8 +215,8 @@ def test_two_llms_with_different_backends_run_their_own_kernels(tiny, monkeypatc
 def test_only_run_dtype_weights_stay_alive(tiny, monkeypatch):
     held = {}
 
-    def tracked_load(model):
-        ckpt = load(model)
+    def tracked_load(model, weights="dense"):
+        ckpt = load(model, weights)
         held["ckpt"] = weakref.ref(ckpt)
         held["weight"] = weakref.ref(ckpt.weights["model.layers.0.mlp.down_proj.weight"])
         return ckpt

@@ -36,6 +36,11 @@ at::Tensor firp_project(const at::Tensor& h, const at::Tensor& weight, const Opt
 // `out` [M, N]; false (nothing done) for other inputs, which the vector kernel then runs.
 bool linear_amx(const at::Tensor& x, const at::Tensor& packed, int64_t N, at::Tensor& out);
 
+// ---- quant.cpp (GGUF Q4_0 / Q4_1 / Q8_0 weights; `linear` dispatches to quant_linear on such a pack)
+at::Tensor pack_quant(const at::Tensor& blocks, const std::string& kind, const std::string& act);
+bool is_quant_pack(const at::Tensor& packed);
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed);
+
 // ---- attention.cpp
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& page_tables, const at::Tensor& context_lens, double scale,

@@ -261,6 +261,7 @@ at::Tensor pack_linear(const at::Tensor& weight) {
 }
 
 at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& packed) {
+  if (is_quant_pack(packed)) return quant_linear(x_in, weight, packed);  // GGUF blocks: quant.cpp
   check_linear_args(x_in, weight, packed);
   const int64_t N = weight.size(0), K = weight.size(1), Np = (N + PANEL - 1) / PANEL;
   std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());

@@ -22,18 +22,18 @@ import warnings
 from types import ModuleType
 from typing import Any
 
-import torch  # noqa: F401  (loaded before _C, which links against it)
+import torch
 
 from firp_engine import _C  # ImportError here = backend unavailable
 from firp_engine.errors import FirpError, FirpWarning
 from firp_engine.ops import register
+from firp_engine.quant import QuantWeight
 
 OPS = (
     "rms_norm",
     "add_rms_norm",
     "rope",
     "silu_mul",
-    "pack_linear",
     "linear",
     "write_kv",
     "paged_decode_attention",
@@ -102,9 +102,21 @@ MODULES = _runnable()
 ISA: str = _choose(MODULES, os.environ.get("FIRP_CPU_ISA"))  # the path the `cpu` backend runs
 NAMES = {"cpu": ISA} | {f"cpu@{path}": path for path in MODULES}  # backend name -> path
 
+def _pack_linear(module: ModuleType):
+    def pack_linear(weight: torch.Tensor | QuantWeight) -> torch.Tensor:
+        """Dense weights: panels for the bf16/fp32 kernels; GGUF blocks: a self-describing uint8
+        pack for the quantized kernel (csrc/cpu/quant.cpp). `linear` tells them apart."""
+        if isinstance(weight, QuantWeight):
+            return module.pack_quant(weight.blocks, weight.kind, weight.act)
+        return module.pack_linear(weight)
+
+    return pack_linear
+
+
 for _backend, _path in NAMES.items():
     for _name in OPS:
         register(_name, _backend)(getattr(MODULES[_path], _name))
+    register("pack_linear", _backend)(_pack_linear(MODULES[_path]))
 
 
 def variant(name: str) -> tuple[str, Any]:
