@@ -1,8 +1,10 @@
 // The attention ops: paged_decode_attention and tree_attention check their arguments, plan
 // the work items (attention.h) and run them (attention_run.cpp).
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "attention.h"
@@ -12,12 +14,18 @@ namespace {
 
 using namespace attn;
 
+// Splits of a row block whose longest row sees most_keys keys.
+int64_t n_splits(int64_t most_keys) { return std::max<int64_t>(1, (most_keys + SPLIT - 1) / SPLIT); }
+
 // Appends the items of one (sequence, kv head, row block): one per split of its longest row.
 void add_group(std::vector<Item>& items, std::vector<Group>& groups, int64_t seq, int64_t h, int64_t r0,
                int64_t nr, int64_t most_keys) {
-  const int64_t splits = std::max<int64_t>(1, (most_keys + SPLIT - 1) / SPLIT);
+  const int64_t splits = n_splits(most_keys);
   groups.push_back({int64_t(items.size()), splits});
-  for (int64_t s = 0; s < splits; ++s) items.push_back({seq, h, r0, nr, s * SPLIT, (s + 1) * SPLIT});
+  for (int64_t s = 0; s < splits; ++s) {
+    const int64_t v0 = s * SPLIT, v1 = v0 + SPLIT;
+    items.push_back({seq, h, r0, nr, v0, v1, nr * (std::min(v1, most_keys) - v0)});
+  }
 }
 
 void check_heads(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const char* name) {
@@ -163,16 +171,28 @@ at::Tensor tree_attention(const at::Tensor& q_in, const at::Tensor& k_cache_in, 
   visible_rows(ptr<int64_t>(mask), T, mask.size(1), S, vis_off, vis_idx);
   pb.vis_off = vis_off.data();
   pb.vis_idx = vis_idx.data();
-  // Row blocks of whole tokens (a token's rows attend its own keys together), evenly sized.
-  const int64_t n_blocks = (T * pb.g + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
-  const int64_t tokens = (T + n_blocks - 1) / n_blocks;
+  // Row blocks of whole tokens (a token's rows attend its own keys together), evenly sized,
+  // of at most ROWS_PER_ITEM rows. With several threads and few items (a short prefix:
+  // one split per kv head), blocks down to MIN_ROWS_PER_ITEM rows, for two items a thread.
+  // Rows are independent: how they are grouped changes no row's bits.
+  int64_t most = 0;
+  for (int64_t t = 0; t < T; ++t) most = std::max(most, visible_keys(pb, t, prefix_len));
+  const int64_t rows = T * pb.g, threads = at::get_num_threads(), per_block = pb.Hkv * n_splits(most);
+  int64_t n_blocks = (rows + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+  if (threads > 1)
+    n_blocks = std::max(n_blocks, std::min((2 * threads + per_block - 1) / per_block, rows / MIN_ROWS_PER_ITEM));
+  int64_t tokens = (T + n_blocks - 1) / n_blocks;
+  if (tokens * pb.g > RT) {  // rows along the lanes: whole vectors of rows where possible
+    const int64_t step = W / std::gcd<int64_t>(pb.g, W);
+    tokens = (tokens + step - 1) / step * step;
+  }
   std::vector<Item> items;
   std::vector<Group> groups;
   for (int64_t t0 = 0; t0 < T; t0 += tokens) {
     const int64_t t1 = std::min(T, t0 + tokens);
-    int64_t most = 0;
-    for (int64_t t = t0; t < t1; ++t) most = std::max(most, visible_keys(pb, t, prefix_len));
-    for (int64_t h = 0; h < pb.Hkv; ++h) add_group(items, groups, 0, h, t0 * pb.g, (t1 - t0) * pb.g, most);
+    int64_t block_most = 0;
+    for (int64_t t = t0; t < t1; ++t) block_most = std::max(block_most, visible_keys(pb, t, prefix_len));
+    for (int64_t h = 0; h < pb.Hkv; ++h) add_group(items, groups, 0, h, t0 * pb.g, (t1 - t0) * pb.g, block_most);
   }
   dispatch_kv(kc, kn, [&](auto ct, auto st) { run_all<decltype(ct), decltype(st)>(pb, items, groups, res); });
   if (out && !res.is_same(*out)) out->copy_(res);

@@ -40,7 +40,10 @@ constexpr int RT = 4;                    // query rows per register tile
 // AVX2 (of 16 registers), 24 with AVX-512 (of 32).
 constexpr int ND = W == 16 ? 8 : 4;
 constexpr int NRV = 3;
-constexpr int ROWS_PER_ITEM = 64;        // query rows per work item (whole tokens)
+constexpr int ROWS_PER_ITEM = 64;        // query rows per work item (whole tokens), at most
+// and, when tree rows are cut finer to give every thread work, at least (two row vectors:
+// smaller blocks would convert and load the same keys more often than the threads gain)
+constexpr int MIN_ROWS_PER_ITEM = 16;
 constexpr int64_t MAX_D = 256;
 constexpr int64_t PREFETCH_BLOCKS = 2;   // how far ahead the paged keys/values are fetched
 constexpr float LOG2E = 1.4426950408889634f;
@@ -103,6 +106,7 @@ struct Problem {
 struct Item {
   int64_t seq, h, r0, nr;  // rows [r0, r0 + nr) of the (seq, kv head) row space: row = t * g + j
   int64_t v0, v1;          // the split: visible keys [v0, v1)
+  int64_t work;            // rows x keys of the split's longest row: items run most work first
 };
 
 // The items of one (sequence, kv head, row block), one per split: consecutive in the list.

@@ -10,7 +10,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
+#include <numeric>
 #include <type_traits>
 #include <utility>
 
@@ -215,13 +217,20 @@ void run_all(const Problem& pb, const std::vector<Item>& items, const std::vecto
   for (const Item& it : items) R = std::max(R, it.nr);
   const int64_t RP = (R + W - 1) / W * W;
   auto part_o = scratch(n * R * D), part_ml = scratch(n * R * 2);
-  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+  // The threads take items as they finish, most work first, so that uneven items (the short
+  // last split, the scratch rows of a tree) even out. Which thread runs an item changes nothing.
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return items[a].work > items[b].work; });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     auto buf = scratch(4 * RP * D + 3 * RP + RP * KB + 2 * KB * D);
     float* p = buf.get();
     auto take = [&p](int64_t count) { return std::exchange(p, p + count); };
     float *q = take(RP * D), *o = take(RP * D), *m = take(RP), *l = take(RP);
     const Work w{take(RP * KB), take(RP), take(RP * D), take(RP * D), take(KB * D), take(KB * D)};
-    for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+      const int64_t i = order[k];
       const Rows rows{q, o, m, l, int(items[i].nr)};
       run_item<TC, TS>(pb, items[i], rows, w, {part_o.get() + i * R * D, part_ml.get() + i * R * 2});
     }
