@@ -21,10 +21,11 @@ int64_t n_splits(int64_t most_keys) { return std::max<int64_t>(1, (most_keys + S
 void add_group(std::vector<Item>& items, std::vector<Group>& groups, int64_t seq, int64_t h, int64_t r0,
                int64_t nr, int64_t most_keys) {
   const int64_t splits = n_splits(most_keys);
+  const int64_t group = int64_t(groups.size());
   groups.push_back({int64_t(items.size()), splits});
   for (int64_t s = 0; s < splits; ++s) {
     const int64_t v0 = s * SPLIT, v1 = v0 + SPLIT;
-    items.push_back({seq, h, r0, nr, v0, v1, nr * (std::min(v1, most_keys) - v0)});
+    items.push_back({seq, h, r0, nr, v0, v1, nr * (std::min(v1, most_keys) - v0), group});
   }
 }
 

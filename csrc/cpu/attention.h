@@ -107,6 +107,7 @@ struct Item {
   int64_t seq, h, r0, nr;  // rows [r0, r0 + nr) of the (seq, kv head) row space: row = t * g + j
   int64_t v0, v1;          // the split: visible keys [v0, v1)
   int64_t work;            // rows x keys of the split's longest row: items run most work first
+  int64_t group;           // index of its Group
 };
 
 // The items of one (sequence, kv head, row block), one per split: consecutive in the list.
@@ -136,8 +137,8 @@ template <typename T>
 void attend_block(const Rows& rows, int RP, const Work& w, int64_t D, const T* const* kp, const T* const* vp,
                   int n);
 
-// attention_run.cpp: runs all items in parallel, then the merges; out [.., H, D] has a
-// contiguous last dim. TC and TS: the element types of the cache and of the scratch rows.
+// attention_run.cpp: runs all items in parallel and merges each group's partials into out
+// [.., H, D] (a contiguous last dim). TC and TS: the element types of the cache and of the scratch rows.
 template <typename TC, typename TS>
 void run_all(const Problem& pb, const std::vector<Item>& items, const std::vector<Group>& groups, at::Tensor& out);
 

@@ -222,6 +222,18 @@ void run_all(const Problem& pb, const std::vector<Item>& items, const std::vecto
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), int64_t{0});
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return items[a].work > items[b].work; });
+  // A group is merged by the thread that finishes its last item (the others' partials are
+  // then visible: acquire-release): one parallel region per call, no second fork and join.
+  std::unique_ptr<std::atomic<int64_t>[]> left(new std::atomic<int64_t>[groups.size()]);
+  for (size_t g = 0; g < groups.size(); ++g) left[g].store(groups[g].count, std::memory_order_relaxed);
+  auto merge = [&](int64_t g) {
+    if (out.scalar_type() == at::kBFloat16)
+      merge_group<bf16_t>(pb, items.data(), groups[g], part_o.get(), part_ml.get(), R, out.data_ptr(),
+                          out.stride(0), out.stride(1));
+    else
+      merge_group<float>(pb, items.data(), groups[g], part_o.get(), part_ml.get(), R, out.data_ptr(),
+                         out.stride(0), out.stride(1));
+  };
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     auto buf = scratch(4 * RP * D + 3 * RP + RP * KB + 2 * KB * D);
@@ -230,20 +242,10 @@ void run_all(const Problem& pb, const std::vector<Item>& items, const std::vecto
     float *q = take(RP * D), *o = take(RP * D), *m = take(RP), *l = take(RP);
     const Work w{take(RP * KB), take(RP), take(RP * D), take(RP * D), take(KB * D), take(KB * D)};
     for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-      const int64_t i = order[k];
-      const Rows rows{q, o, m, l, int(items[i].nr)};
-      run_item<TC, TS>(pb, items[i], rows, w, {part_o.get() + i * R * D, part_ml.get() + i * R * 2});
-    }
-  });
-  const bool bf16 = out.scalar_type() == at::kBFloat16;
-  at::parallel_for(0, int64_t(groups.size()), 4, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      if (bf16)
-        merge_group<bf16_t>(pb, items.data(), groups[g], part_o.get(), part_ml.get(), R, out.data_ptr(),
-                            out.stride(0), out.stride(1));
-      else
-        merge_group<float>(pb, items.data(), groups[g], part_o.get(), part_ml.get(), R, out.data_ptr(),
-                           out.stride(0), out.stride(1));
+      const Item& it = items[order[k]];
+      const Rows rows{q, o, m, l, int(it.nr)};
+      run_item<TC, TS>(pb, it, rows, w, {part_o.get() + order[k] * R * D, part_ml.get() + order[k] * R * 2});
+      if (left[it.group].fetch_sub(1, std::memory_order_acq_rel) == 1) merge(it.group);
     }
   });
 }
