@@ -138,7 +138,7 @@ void attend_block(const Rows& rows, int RP, const Work& w, int64_t D, const T* c
                   int n);
 
 // attention_run.cpp: runs all items in parallel and merges each group's partials into out
-// [.., H, D] (a contiguous last dim). TC and TS: the element types of the cache and of the scratch rows.
+// [.., H, D] (a contiguous last dim). TC, TS: element types of the cache and scratch rows.
 template <typename TC, typename TS>
 void run_all(const Problem& pb, const std::vector<Item>& items, const std::vector<Group>& groups, at::Tensor& out);
 
