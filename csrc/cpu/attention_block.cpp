@@ -116,8 +116,7 @@ inline void lane_scores(const float* qp, int64_t D, const float* const* kr, int 
   for (int r0 = 0; r0 < RP; r0 += 8) {
     int i = 0;
     for (; i + NK <= n; i += NK) lane_scores_tile<NK>(qp, D, kr, i, s, RP, r0);
-    if (i + 2 <= n) lane_scores_tile<2>(qp, D, kr, i, s, RP, r0);  // 8 chains in flight, not 4
-    else if (i < n) lane_scores_tile<1>(qp, D, kr, i, s, RP, r0);
+    for (; i < n; ++i) lane_scores_tile<1>(qp, D, kr, i, s, RP, r0);
   }
 }
 
@@ -230,18 +229,15 @@ inline void lane_softmax(float* s, int RP, float* m, float* l, float* alpha) {  
     const vf m_old = load(m + j);
     const vf m_new = max(m_old, mx);
     const vf a = exp2(sub(m_old, m_new));
-    // part[c]: lane c of softmax_row's `sum`, for each row (unrolled: in registers)
-    vf part[W];
-    FIRP_UNROLL for (int c = 0; c < W; ++c) part[c] = zero();
-    for (int i0 = 0; i0 < KB; i0 += W)
-      FIRP_UNROLL for (int c = 0; c < W; ++c) {
-        float* si = s + (i0 + c) * RP + j;
-        const vf p = exp2(sub(load(si), m_new));
-        store(si, p);
-        part[c] = add(part[c], p);
-      }
-    FIRP_UNROLL for (int half = W / 2; half >= 1; half /= 2)  // hsum's fold
-      FIRP_UNROLL for (int c = 0; c < half; ++c) part[c] = add(part[c], part[c + half]);
+    vf part[W];  // part[c]: lane c of softmax_row's `sum`, for each row
+    for (int c = 0; c < W; ++c) part[c] = zero();
+    for (int i = 0; i < KB; ++i) {
+      const vf p = exp2(sub(load(s + i * RP + j), m_new));
+      store(s + i * RP + j, p);
+      part[i % W] = add(part[i % W], p);
+    }
+    for (int half = W / 2; half >= 1; half /= 2)  // hsum's fold
+      for (int c = 0; c < half; ++c) part[c] = add(part[c], part[c + half]);
     store(l + j, fma(load(l + j), a, part[0]));
     store(m + j, m_new);
     store(alpha + j, a);
