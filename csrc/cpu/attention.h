@@ -40,9 +40,10 @@ constexpr int RT = 4;                    // query rows per register tile
 // AVX2 (of 16 registers), 24 with AVX-512 (of 32).
 constexpr int ND = W == 16 ? 8 : 4;
 constexpr int NRV = 3;
-constexpr int ROWS_PER_ITEM = 64;        // query rows per work item (whole tokens), at most
-// and, when tree rows are cut finer to give every thread work, at least (two row vectors:
-// smaller blocks would convert and load the same keys more often than the threads gain)
+// Query rows per work item (whole tokens): at most ROWS_PER_ITEM; when tree rows are cut
+// finer to give every thread work, at least MIN_ROWS_PER_ITEM (smaller blocks would convert
+// and load the same keys more often than the threads gain).
+constexpr int ROWS_PER_ITEM = 64;
 constexpr int MIN_ROWS_PER_ITEM = 16;
 constexpr int64_t MAX_D = 256;
 constexpr int64_t PREFETCH_BLOCKS = 2;   // how far ahead the paged keys/values are fetched
