@@ -270,6 +270,7 @@ TREE_CASES = [  # (query rows T, scratch rows S, prefix length, block size)
     (64, 64, 1000, 16),
     (5, 100, 0, 16),  # > 64 scratch rows: two mask words; no prefix (a prefill)
     (9, 130, 20, 8),  # three mask words
+    (24, 24, 320, 16),  # 72 rows a kv head: blocks of whole row vectors, two splits
 ]
 
 

@@ -332,3 +332,39 @@ def test_decode_rows_alone_equal_batched(dtype, heads, threads):
     op("paged_decode_attention")(q, kc, vc, tables, torch.tensor(lens, dtype=torch.int32), d**-0.5, out=out)
     for b, c in enumerate(caches):
         assert same_bits(out[b], decode(q[b], c, d**-0.5)), f"sequence {b} (length {lens[b]}) differs"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 2, 128)], ids=lambda x: "h{}-{}-{}".format(*x))
+@pytest.mark.parametrize("prefix", [0, 16, 100, 256, 300, 512])
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 4])
+def test_tree_rows_equal_alone_in_calls_of_any_size(dtype, heads, prefix, n_threads):
+    """A draft-tree row gets the same bits alone and inside calls of 1 .. 65 rows, under any
+    thread count. The kernel cuts a call's rows into blocks by their number, the prefix
+    length and the thread count, lays many rows along the vector lanes padded to whole
+    vectors, and shares each key load among them: none of that may reach a row's bits."""
+    h, hk, d = heads
+    before = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        rng = random.Random(prefix * 13 + h + n_threads)
+        n, scale = 65, d**-0.5
+        parents = random_tree(n, rng)  # siblings masked from each other
+        cache = Paged(prefix, 0, hk, d, dtype)
+        q, k_new, v_new = rand(n, h, d, dtype=dtype), rand(n, hk, d, dtype=dtype), rand(n, hk, d, dtype=dtype)
+        allowed = torch.zeros(n, n, dtype=torch.bool)
+        for j in range(n):
+            allowed[j, path(parents, j)] = True
+        alone: dict[int, torch.Tensor] = {}
+        for t in [1, 2, 3, 5, 8, 11, 16, 24, 33, 65]:
+            rows = sorted(rng.sample(range(n), t))
+            out = tree(q[rows], cache, k_new, v_new, allowed[rows], scale)
+            for place in rng.sample(range(t), min(t, 6)):
+                j = rows[place]
+                if j not in alone:
+                    p = path(parents, j)
+                    every = torch.ones(1, len(p), dtype=torch.bool)
+                    alone[j] = tree(q[j : j + 1], cache, k_new[p], v_new[p], every, scale)[0]
+                assert same_bits(out[place], alone[j]), f"{t} rows: row {j} differs from the row alone"
+    finally:
+        torch.set_num_threads(before)
