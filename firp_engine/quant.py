@@ -106,7 +106,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> xq int32 [M, K/32, 32] in -127..127 and dx fp32 [M, K/32] (each row alone)."""
     xb = x.float().reshape(x.shape[0], -1, BLOCK)
     amax = xb.abs().amax(-1)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # 127 / amax as a true fp32 division, as the kernel does (torch's scalar / tensor multiplies
+    # by a reciprocal, which is off by an ulp at times and then flips a rounding tie)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     xq = torch.round(xb * inv.unsqueeze(-1)).clamp(-127, 127).int()
     return xq, amax / 127.0
 
