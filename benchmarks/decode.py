@@ -39,9 +39,9 @@ def copy_bandwidth(mb: int = 512, reps: int = 5) -> float:
 def weight_bytes(llm) -> int:
     """Bytes of weights one decode step streams (all linears + LM head + norms; one embedding row)."""
     m = llm.model
-    total = m.lm_head.weight.numel() + m.norm.numel()
+    total = m.lm_head.kernel_args()[0].numel() + m.norm.numel()  # the weight or its meta stand-in
     for lw in m.layers:
-        total += sum(x.weight.numel() for x in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
+        total += sum(x.kernel_args()[0].numel() for x in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
         total += lw.attn_norm.numel() + lw.ffn_norm.numel()
     return total * m.embed.element_size()
 
