@@ -26,21 +26,11 @@ import torch
 
 from firp_engine import _C  # ImportError here = backend unavailable
 from firp_engine.errors import FirpError, FirpWarning
-from firp_engine.ops import register
+from firp_engine.ops import REFERENCES, register
 from firp_engine.quant import QuantWeight
 
-OPS = (
-    "rms_norm",
-    "add_rms_norm",
-    "rope",
-    "silu_mul",
-    "linear",
-    "write_kv",
-    "paged_decode_attention",
-    "tree_attention",
-    "firp_project",
-    "kv_commit",
-)
+# Every op has a kernel here; pack_linear is wrapped below (it also packs GGUF blocks).
+OPS = tuple(op for op in REFERENCES if op != "pack_linear")
 # Best first. "amx" is the avx512bf16 kernels with the bf16 GEMM on AMX tiles.
 PATHS = ("amx", "avx512bf16", "avx512", "avx2", "scalar")
 
