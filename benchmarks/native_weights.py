@@ -27,13 +27,6 @@ from kernels import copy_bandwidth  # noqa: E402
 FORMATS = ("dense", "native", "native-float")
 
 
-def step_bytes(model) -> int:
-    """Bytes a decode step streams: every linear's packed weights, the LM head's included (the
-    embedding table is read one row per token)."""
-    lins = [lin for lw in model.layers for lin in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
-    return sum(lin.packed.nbytes for lin in [*lins, model.lm_head])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -72,7 +65,7 @@ def main() -> None:
     ]
     out = {"cpu": cpu_model(), "isa": isa, "threads": args.threads, "copy_GBps": bw, "rows": {}}
     for fmt, llm in llms.items():
-        nbytes = step_bytes(llm.model)
+        nbytes = llm.model.step_bytes()
         floor = nbytes / (bw * 1e9) * 1e3
         cells = " | ".join(f"{best[fmt, m]:.2f} | {best[fmt, m] / floor:.2f}" for m in args.methods)
         lines.append(f"| {fmt} | {nbytes / 2**20:.0f} | {floor:.2f} | {cells} |")

@@ -20,7 +20,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from before_after import cpu_model  # noqa: E402
-from native_weights import step_bytes  # noqa: E402
 
 from firp_engine.backend import Backend, available_backends  # noqa: E402
 from firp_engine.firp.budget import ROWS, measure  # noqa: E402
@@ -65,7 +64,7 @@ def main() -> None:
     results = {"cpu": cpu_model(), "threads": args.threads, "dtype": args.dtype, "copy_GBps": bw, "paths": {}}
     for path in paths:
         llm = LLM(None, dtype=args.dtype, backend=f"cpu@{path}", threads=args.threads)
-        floor_ms = step_bytes(llm.model) / (bw * 1e9) * 1e3  # the packed weights a step streams
+        floor_ms = llm.model.step_bytes() / (bw * 1e9) * 1e3  # the packed weights a step streams
         step = measure(llm, reps=7)
         gemms = gemm_ms(llm.backend, llm.model.dtype)
         results["paths"][path] = {"step_ms": step, "gemm_ms": gemms, "floor_ms": floor_ms}

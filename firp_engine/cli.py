@@ -268,6 +268,7 @@ def cmd_info(args) -> None:
         "memory_MiB": {
             "resident": None if rss is None else round(rss / 2**20, 1),
             "weights": round(llm.model.weight_bytes() / 2**20, 1),
+            "streamed_per_step": round(llm.model.step_bytes() / 2**20, 1),  # the bandwidth floor's bytes
             "kv_pool": round(llm.cache.bytes() / 2**20, 1),
         },
         "kv_pool": {

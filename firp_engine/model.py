@@ -186,6 +186,12 @@ class Transformer:
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         return sum(storages.values())
 
+    def step_bytes(self) -> int:
+        """Bytes one decode step streams: every linear's packed weights, the LM head's included
+        (the embedding table is read one row per token). Over the copy bandwidth: the floor."""
+        lins = [lin for lw in self.layers for lin in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
+        return sum(lin.packed.nbytes for lin in [*lins, self.lm_head])
+
     # ------------------------------------------------------------ one layer
 
     def run_layer(self, i: int, h: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:

@@ -94,7 +94,6 @@ def random_head(llm: LLM, layer: int, k: int, seed: int, noise: float = 0.3) -> 
     return head
 
 
-
 # ---------------------------------------------------------------- a dense reference
 
 
@@ -149,5 +148,3 @@ def chi2_pvalue(observed: torch.Tensor, expected_p: torch.Tensor) -> float:
     stat = ((obs_c - exp_c) ** 2 / exp_c).sum()
     df = obs_c.numel() - 1
     return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2).item()
-
-

@@ -72,3 +72,20 @@ def test_bf16_speculative_greedy_is_identical(bf16_llm, method):
     spec = bf16_llm.generate(ps, method, max_new_tokens=128)
     same = sum(s.new_ids == p.new_ids for s, p in zip(spec, plain, strict=True))
     assert same == len(ps), f"{method}: {same} of {len(ps)} outputs equal ar's in bf16"
+
+
+@pytest.mark.slow
+def test_native_float_weights_decode_like_dequantized_fp32(default_llm):
+    """--weights native-float (the GGUF's Q4_1/Q8_0 blocks, exact fp32 activations) gives the
+    dequantized fp32 model's greedy output, 20 prompts x 128 tokens (issue 15)."""
+    from firp_engine.generate import LLM
+    from firp_engine.loading import load
+
+    if default_llm.backend.name != "cpu" or default_llm.dtype != "fp32":
+        pytest.skip("the fp32 reference model is not on the cpu backend")
+    native = LLM(load(None, weights="native-float"), dtype="fp32", backend="cpu")
+    ps = prompts()
+    ours = native.generate(ps, "ar", max_new_tokens=128)
+    ref = default_llm.generate(ps, "ar", max_new_tokens=128)
+    same = sum(a.new_ids == b.new_ids for a, b in zip(ours, ref, strict=True))
+    assert same == len(ps), f"{same} of {len(ps)} outputs equal the dequantized fp32 model's"

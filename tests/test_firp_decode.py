@@ -225,9 +225,7 @@ def test_head_checks(llm, head, tmp_path):
     assert llm.head_path is None
     with pytest.raises(FirpError, match="train-head"):
         FirpDrafter(llm)
-    bad_layer = FirpHead(
-        llm.config.hidden_size, 3, llm.config.n_layers, {"fingerprint": llm.fingerprint}
-    )
+    bad_layer = FirpHead(llm.config.hidden_size, 3, llm.config.n_layers, {"fingerprint": llm.fingerprint})
     with pytest.raises(FirpError, match="does not fit"):
         FirpDrafter(llm, head=bad_layer)
 

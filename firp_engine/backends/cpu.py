@@ -92,6 +92,7 @@ MODULES = _runnable()
 ISA: str = _choose(MODULES, os.environ.get("FIRP_CPU_ISA"))  # the path the `cpu` backend runs
 NAMES = {"cpu": ISA} | {f"cpu@{path}": path for path in MODULES}  # backend name -> path
 
+
 def _pack_linear(module: ModuleType):
     def pack_linear(weight: torch.Tensor | QuantWeight) -> torch.Tensor:
         """Dense weights: panels for the bf16/fp32 kernels; GGUF blocks: a self-describing uint8
