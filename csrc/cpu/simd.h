@@ -1,7 +1,8 @@
 // A small SIMD layer for the CPU kernels: one float vector type `vf` of W lanes and the
 // handful of operations the kernels need. The ISA is chosen at compile time from the
 // flags setup.py passes (AVX-512 > AVX2+FMA > portable scalar code), so every kernel is
-// written once against this header. bf16 values are handled as raw uint16 bits.
+// written once against this header; setup.py compiles them once per path, and the cpu
+// backend loads the best one the running CPU supports. bf16 values are handled as raw uint16 bits.
 #pragma once
 
 #include <cmath>
