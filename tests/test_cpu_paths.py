@@ -106,3 +106,19 @@ def test_forcing_a_path_this_machine_lacks_warns_and_runs_the_best():
     assert any(f"FIRP_CPU_ISA={missing[0]}" in w and best in w for w in got["warnings"])
     bogus = forced("sse9")
     assert bogus["isa"] == best and any("no such path" in w for w in bogus["warnings"])
+
+
+def test_a_path_is_checked_in_a_child_process_and_the_verdict_cached(tmp_path, monkeypatch):
+    """The check that guards the AMX kernel (never run here): a path agreeing with its reference
+    passes, one whose child process crashes is refused with a warning; verdicts are cached."""
+    monkeypatch.setattr(cpu, "CACHE", tmp_path)
+    if "avx2" not in cpu.MODULES:
+        pytest.skip("no second path to compare the portable one with")
+    assert cpu._agrees("avx2", "scalar") is True
+    assert len(list(tmp_path.glob("verified_avx2_*.json"))) == 1
+    monkeypatch.setattr(cpu, "_AGREE", "import os; os.abort()")
+    assert cpu._agrees("avx2", "scalar") is True  # the cached verdict: no child runs
+    for f in tmp_path.glob("*.json"):
+        f.unlink()
+    with pytest.warns(Warning, match="avx2 GEMM failed"):
+        assert cpu._agrees("avx2", "scalar") is False
