@@ -150,7 +150,7 @@ setup(
     description="A small LLaMA-family inference runtime with its own kernels and FIRP speculative decoding",
     python_requires=">=3.10",
     packages=find_packages(include=["firp_engine", "firp_engine.*"]) + ["firp_kernels"],
-    package_dir={"firp_kernels": "kernels"},
+    package_dir={"firp_kernels": "kernels/firp_kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["firp = firp_engine.cli:main"]},

@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from before_after import PROMPTS, cpu_model  # noqa: E402
+from kernel_bench import copy_bandwidth  # noqa: E402
 
 from firp_engine.generate import LLM  # noqa: E402
 from firp_engine.loading import load  # noqa: E402
-from kernels import copy_bandwidth  # noqa: E402
 
 FORMATS = ("dense", "native", "native-float")
 

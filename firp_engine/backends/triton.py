@@ -26,7 +26,7 @@ def _load_kernels() -> ModuleType:
         if e.name != "firp_kernels":
             raise
     # A source checkout that was not installed: load kernels/ under its installed name.
-    root = Path(__file__).resolve().parents[2] / "kernels"
+    root = Path(__file__).resolve().parents[2] / "kernels" / "firp_kernels"
     spec = importlib.util.spec_from_file_location(
         "firp_kernels", root / "__init__.py", submodule_search_locations=[str(root)]
     )

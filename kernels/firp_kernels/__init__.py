@@ -1,4 +1,8 @@
-"""firp_kernels: the Triton kernels of firp-engine (installed from the repo's `kernels/`).
+"""firp_kernels: the Triton kernels of firp-engine (installed from `kernels/firp_kernels/`).
+
+The folder `kernels/` itself has no `__init__.py` on purpose: a package importable as
+`kernels` from the repo root would shadow Hugging Face's `kernels`, which transformers
+imports (>= 5.25).
 
 Each public function has the signature and semantics of the PyTorch reference of the
 same name in `firp_engine.ops`; the attention ones also take a keyword-only

@@ -5,7 +5,7 @@ ffn 1536, vocab 49152) with a 1k-token context and a FIRP tree step of 16 nodes 
 pseudo rows. Prints the measured copy bandwidth, then markdown tables (ms and GB/s, where
 GB/s counts the bytes an op must read and write once):
 
-    python benchmarks/kernels.py [--dtype bf16|fp32] [--threads 2] [--json out.json]
+    python benchmarks/kernel_bench.py [--dtype bf16|fp32] [--threads 2] [--json out.json]
 """
 
 from __future__ import annotations
