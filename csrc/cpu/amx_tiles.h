@@ -78,8 +78,7 @@ inline void panels(const bf16_t* w, const bf16_t* xs, int64_t K, int rb, int64_t
       default: panel_tiles<4>(panel, xs, K, c); break;
     }
     const int64_t n0 = p * TILE_COLS, cols = std::min<int64_t>(TILE_COLS, N - n0);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < cols; ++j) y[r * N + n0 + j] = float_to_bf16(c[r * TILE_COLS + j]);
+    store_rows(c, TILE_COLS, rows, cols, nullptr, y, n0, N);
   }
 }
 

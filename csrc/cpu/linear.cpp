@@ -157,17 +157,7 @@ inline void run_tile(const Problem<WT, XT>& pb, int64_t p, int64_t m0) {
   }
   const int64_t n0 = p * PANEL;
   const int64_t ncols = std::min<int64_t>(NP * PANEL, pb.N - n0);
-  for (int r = 0; r < MR; ++r) {
-    const float* src = c + r * NP * PANEL;
-    const int64_t row = (m0 + r) * pb.N + n0;
-    if (pb.out_f) {
-      std::memcpy(pb.out_f + row, src, ncols * sizeof(float));
-    } else {
-      int64_t j = 0;
-      for (; j + W <= ncols; j += W) store(pb.out_h + row + j, load(src + j));
-      for (; j < ncols; ++j) pb.out_h[row + j] = float_to_bf16(src[j]);
-    }
-  }
+  store_rows(c, NP * PANEL, MR, ncols, pb.out_f, pb.out_h, m0 * pb.N + n0, pb.N);
 }
 
 // Panels per step for a row tile of MR rows: enough independent accumulators to hide the

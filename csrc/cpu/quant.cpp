@@ -50,15 +50,7 @@ inline void run_tile(const Problem& pb, int64_t p, int64_t m0) {
     tile<KD, MR, NP>(pb, w, m0, c);
   }
   const int64_t n0 = p * PANEL, ncols = std::min<int64_t>(NP * PANEL, pb.N - n0);
-  for (int r = 0; r < MR; ++r) {
-    const float* src = c + r * NP * PANEL;
-    const int64_t row = (m0 + r) * pb.N + n0;
-    if (pb.out_f) {
-      std::memcpy(pb.out_f + row, src, ncols * sizeof(float));
-    } else {
-      for (int64_t j = 0; j < ncols; ++j) pb.out_h[row + j] = float_to_bf16(src[j]);
-    }
-  }
+  store_rows(c, NP * PANEL, MR, ncols, pb.out_f, pb.out_h, m0 * pb.N + n0, pb.N);
 }
 
 // Panels per step: independent accumulators for one or two rows, registers for more (16 ymm).

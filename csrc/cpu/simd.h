@@ -246,4 +246,23 @@ inline void load_pairs(const bf16_t* p, vf& even, vf& odd) {
 #endif
 
 }  // namespace simd
+
+// The rows of a register tile, c [rows, ldc], into the output: row r goes to
+// out[at + r * ldo .. + cols] as fp32 (out_f) or bf16 (out_h), exactly one of them set.
+// Every GEMM tile (linear, quant, AMX) ends with this store.
+inline void store_rows(const float* c, int64_t ldc, int64_t rows, int64_t cols, float* out_f, bf16_t* out_h,
+                       int64_t at, int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = c + r * ldc;
+    if (out_f) {
+      std::memcpy(out_f + at + r * ldo, src, cols * sizeof(float));
+      continue;
+    }
+    bf16_t* dst = out_h + at + r * ldo;
+    int64_t j = 0;
+    for (; j + simd::W <= cols; j += simd::W) simd::store(dst + j, simd::load(src + j));
+    for (; j < cols; ++j) dst[j] = float_to_bf16(src[j]);
+  }
+}
+
 }  // namespace firp
