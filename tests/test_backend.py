@@ -8,6 +8,7 @@ import json
 import warnings
 import weakref
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,3 +265,12 @@ def test_info_reports_backend_and_memory(capsys, tiny):
     mem = info["memory_MiB"]
     assert mem["weights"] == round(4 * info["parameters"] / 2**20, 1)
     assert mem["resident"] > mem["weights"] > 0 and mem["kv_pool"] > 0
+
+
+def test_the_repo_shadows_no_hugging_face_kernels_package():
+    """transformers >= 5.25 imports Hugging Face's `kernels`: a module of that name on the
+    path of a run from the repo root (or of a benchmark script) would shadow it."""
+    root = Path(__file__).resolve().parents[1]
+    for folder in (root, root / "benchmarks", root / "tests"):
+        assert not (folder / "kernels" / "__init__.py").exists()
+        assert not (folder / "kernels.py").exists()

@@ -14,7 +14,7 @@ from firp_engine.config import ModelConfig
 from firp_engine.firp import train as T
 from firp_engine.firp.context import ContextStore, context_pass, run_context
 from firp_engine.firp.head import FirpHead
-from firp_engine.firp.objective import FIRP, distill_loss, kl_to_teacher, pseudo_forward
+from firp_engine.firp.objective import FIRP, distill_loss, hidden_error, kl_to_teacher, pseudo_forward
 from firp_engine.loading import Checkpoint, expected_shapes
 from firp_engine.model import Batch, SeqRows, Transformer
 
@@ -121,7 +121,8 @@ def test_pseudo_rows_match_inference_tree_forward(model):
     ctx = context_pass(model, (prompt, reply), [LAYER], 8, 1024)
     pos = torch.tensor([3, 9, len(ids) - 2 - K])
     with torch.no_grad():
-        got = pseudo_forward(model, head, [(ctx, pos)])
+        x0, got = pseudo_forward(model, head, [(ctx, pos)])
+    torch.testing.assert_close(x0, head(ctx.h[LAYER][pos]))
     for g, p in enumerate(pos.tolist()):
         model.new_cache(num_blocks=8, block_size=16)
         seq = model.cache.new_sequence()
@@ -172,6 +173,38 @@ def test_loss_falls(model, loss):
         after = distill_loss(model, head, probe, c)[0].item()
     assert state.step == 16 and len(state.history) == 16
     assert after < 0.8 * before, (before, after)
+
+
+def test_hidden_weight_adds_the_relative_state_error(model):
+    """The regression variant: loss = KL + w * ||W_i h[p] - h[p+i]||^2 / ||h[p+i]||^2 (mean
+    per offset over valid rows, then the offset mean), and training with it brings the
+    pseudo states closer to the real ones than KL alone."""
+    data = examples(4)
+    probe = [(context_pass(model, ex, [LAYER], cfg().n_top, 1024), None) for ex in data]
+    probe = [(ctx, T.candidate_positions(ctx, K, False)[1]) for ctx, _ in probe]
+    head = FirpHead(model.cfg.hidden_size, K, LAYER)
+    with torch.no_grad():
+        head.weight.add_(0.1 * torch.randn_like(head.weight))
+        kl_only = distill_loss(model, head, probe, cfg())[0]
+        both = distill_loss(model, head, probe, cfg(hidden_weight=0.5))[0]
+        per_offset: list[list[torch.Tensor]] = [[] for _ in range(K)]
+        for ctx, pos in probe:  # by hand, row by row, over the rows that have a teacher
+            for p in pos.tolist():
+                x = head(ctx.h[LAYER][p : p + 1])
+                for i in range(K):
+                    if ctx.row0 <= p + i + 1 <= ctx.length - 2:
+                        real = ctx.h[LAYER][p + i + 1]
+                        per_offset[i].append(((x[i] - real) ** 2).sum() / (real**2).sum())
+    want = sum(torch.stack(e).mean() for e in per_offset) / K
+    torch.testing.assert_close(both - kl_only, 0.5 * want, atol=1e-5, rtol=1e-4)
+
+    def state_error(h: FirpHead) -> float:
+        with torch.no_grad():
+            return float(hidden_error(probe, LAYER, pseudo_forward(model, h, probe)[0], K).mean())
+
+    plain, _ = T.train(model, FIRP, data, cfg(max_steps=8))
+    regressed, _ = T.train(model, FIRP, data, cfg(max_steps=8, hidden_weight=1.0))
+    assert state_error(regressed) < state_error(plain)
 
 
 def test_deterministic_for_a_seed(model):

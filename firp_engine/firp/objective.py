@@ -7,7 +7,9 @@
    context K/V of positions <= p (the context rows are not re-run: ~3x cheaper) and to
    the rows of their own group with offset <= their own, exactly as at inference;
 3. the loss: per offset, KL(teacher || student) at the real row p+i (which predicts
-   token p+i+1), see kl_to_teacher.
+   token p+i+1), see kl_to_teacher; optionally (`hidden_weight` > 0, a head variant) plus
+   a regression of the pseudo state W_i h[p] onto the real layer-l residual h[p+i], the
+   future hidden state FIRP's maps are meant to predict.
 """
 
 from __future__ import annotations
@@ -53,18 +55,31 @@ def group_attend(model: Transformer, segs: list[Segment], k: int, layer: int):
     return attend
 
 
-def pseudo_forward(model: Transformer, head: FirpHead, segs: list[Segment]) -> torch.Tensor:
-    """Final hidden states of every pseudo row, [N, d] with N = (sum of G) * k (grad flows
-    into the head when autograd is on)."""
+def pseudo_forward(
+    model: Transformer, head: FirpHead, segs: list[Segment]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pseudo states entering layer l, their final hidden states), both [N, d] with
+    N = (sum of G) * k (grad flows into the head when autograd is on)."""
     k, layer = head.k, head.layer
     h0 = torch.cat([ctx.h[layer][pos].to(model.dtype) for ctx, pos in segs])  # [G, d]
-    x = head(h0)  # [G * k, d]
+    x0 = head(h0)  # [G * k, d]
+    x = x0.clone()  # without autograd the layers run in place
     offsets = torch.arange(1, k + 1)
     positions = torch.cat([(pos[:, None] + offsets).reshape(-1) for _, pos in segs])
     attend = group_attend(model, segs, k, layer)
     for i in range(layer, model.cfg.n_layers):
         x = model.run_layer(i, x, positions, attend)
-    return x
+    return x0, x
+
+
+def hidden_error(segs: list[Segment], layer: int, x0: torch.Tensor, k: int) -> torch.Tensor:
+    """[N]: ||W_i h[p] - h[p+i]||^2 / ||h[p+i]||^2, the pseudo state against the real
+    layer-l residual of the token it stands for (relative: residual norms grow with depth)."""
+    offsets = torch.arange(1, k + 1)
+    real = torch.cat(
+        [ctx.h[layer][(pos[:, None] + offsets).reshape(-1).clamp(max=ctx.length - 1)] for ctx, pos in segs]
+    ).float()
+    return ((x0.float() - real) ** 2).sum(-1) / (real**2).sum(-1).clamp(min=1e-6)
 
 
 def kl_to_teacher(
@@ -95,9 +110,13 @@ def kl_to_teacher(
 def distill_loss(
     model: Transformer, head: FirpHead, segs: list[Segment], cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Offset-weighted mean KL over the pseudo rows, per-offset top-1 [k]."""
+    """Offset-weighted mean KL over the pseudo rows (+ hidden_weight x the mean relative
+    hidden-state error), per-offset top-1 [k]."""
     t_ids, t_logits, t_lse, valid = targets(segs, head.k)
-    kl, hit = kl_to_teacher(model, pseudo_forward(model, head, segs), t_ids, t_logits, t_lse, cfg.loss)
+    x0, h = pseudo_forward(model, head, segs)
+    kl, hit = kl_to_teacher(model, h, t_ids, t_logits, t_lse, cfg.loss)
+    if cfg.hidden_weight:
+        kl = kl + cfg.hidden_weight * hidden_error(segs, head.layer, x0, head.k)
     return offset_mean(kl, hit, valid, cfg.weights())
 
 
@@ -107,7 +126,7 @@ def firp_ranks(
 ) -> torch.Tensor:
     """int64 [G, k]: rank of the teacher's argmax under each pseudo row's full-vocab logits."""
     segs = [(ctx, pos)]
-    h = pseudo_forward(model, head, segs)
+    h = pseudo_forward(model, head, segs)[1]
     want = targets(segs, head.k)[0][:, 0]  # teacher argmax [N]
     ranks = []
     for a in range(0, h.shape[0], 512):

@@ -46,6 +46,7 @@ class TrainConfig:
     n_top: int = 64  # teacher ids the KL runs over
     loss: str = "tail"  # 'tail' (top-n + a rest-of-vocab bucket) or 'top' (renormalised top-n; FIRP only)
     offset_weights: list[float] = field(default_factory=list)  # [] = all 1
+    hidden_weight: float = 0.0  # FIRP: weight of the pseudo-state regression term (objective.py)
     max_len: int = 1024  # longer sequences are cut (attention memory)
     warmup: int = 20
     seed: int = 0

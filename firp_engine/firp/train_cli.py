@@ -49,6 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions-per-seq", type=int, default=d.positions_per_seq)
     p.add_argument("--prompt-frac", type=float, default=d.prompt_frac)
     p.add_argument("--offset-weights", default="", help="comma-separated loss weight per offset")
+    p.add_argument(
+        "--hidden-weight",
+        type=float,
+        default=d.hidden_weight,
+        help="FIRP: add this x the relative error of each pseudo state against the real layer-l "
+        "state of the token it stands for (0 = KL only, the paper's objective)",
+    )
     p.add_argument("--n-top", type=int, default=d.n_top, help="teacher ids in the KL")
     p.add_argument(
         "--loss", default=d.loss, choices=["tail", "top"], help="KL over top-n + tail, or renormalised top-n"
@@ -100,6 +107,7 @@ def config_from_args(args: argparse.Namespace, layer: int) -> TrainConfig:
         n_top=args.n_top,
         loss=args.loss,
         offset_weights=weights,
+        hidden_weight=args.hidden_weight,
         max_len=args.max_len,
         seed=args.seed,
         max_steps=args.max_steps,
@@ -148,6 +156,8 @@ def run(args: argparse.Namespace) -> dict:
     layer = args.layer if args.layer is not None else objective.default_layer
     if layer is None:
         raise FirpError(f"--layer is required for {objective.kind} heads")
+    if args.hidden_weight and objective.kind != "firp":
+        raise FirpError("--hidden-weight applies to FIRP heads only (Medusa heads have no pseudo states)")
     cfg = config_from_args(args, layer)
     # The torch backend: training needs the references (autograd), and the cached context
     # passes stay comparable across runs. No KV pool: training attends on its own.
