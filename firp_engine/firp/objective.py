@@ -18,7 +18,15 @@ import torch
 
 from firp_engine.firp.context import Context, expand_kv
 from firp_engine.firp.head import FirpHead
-from firp_engine.firp.train import Objective, Segment, TrainConfig, offset_mean, targets, teacher_kl
+from firp_engine.firp.train import (
+    Objective,
+    Segment,
+    TrainConfig,
+    future_rows,
+    offset_mean,
+    targets,
+    teacher_kl,
+)
 from firp_engine.model import Transformer
 
 
@@ -64,8 +72,7 @@ def pseudo_forward(
     h0 = torch.cat([ctx.h[layer][pos].to(model.dtype) for ctx, pos in segs])  # [G, d]
     x0 = head(h0)  # [G * k, d]
     x = x0.clone()  # without autograd the layers run in place
-    offsets = torch.arange(1, k + 1)
-    positions = torch.cat([(pos[:, None] + offsets).reshape(-1) for _, pos in segs])
+    positions = torch.cat([future_rows(pos, k) for _, pos in segs])
     attend = group_attend(model, segs, k, layer)
     for i in range(layer, model.cfg.n_layers):
         x = model.run_layer(i, x, positions, attend)
@@ -75,10 +82,8 @@ def pseudo_forward(
 def hidden_error(segs: list[Segment], layer: int, x0: torch.Tensor, k: int) -> torch.Tensor:
     """[N]: ||W_i h[p] - h[p+i]||^2 / ||h[p+i]||^2, the pseudo state against the real
     layer-l residual of the token it stands for (relative: residual norms grow with depth)."""
-    offsets = torch.arange(1, k + 1)
-    real = torch.cat(
-        [ctx.h[layer][(pos[:, None] + offsets).reshape(-1).clamp(max=ctx.length - 1)] for ctx, pos in segs]
-    ).float()
+    rows = [(ctx, future_rows(pos, k).clamp(max=ctx.length - 1)) for ctx, pos in segs]
+    real = torch.cat([ctx.h[layer][r] for ctx, r in rows]).float()
     return ((x0.float() - real) ** 2).sum(-1) / (real**2).sum(-1).clamp(min=1e-6)
 
 

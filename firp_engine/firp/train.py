@@ -111,12 +111,18 @@ def sample_positions(ctx: Context, cfg: TrainConfig, gen: torch.Generator) -> to
     return torch.cat([pick_p, pick_r]).sort().values
 
 
+def future_rows(pos: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions p [G] -> the rows p+1 .. p+k of each group, row-major [G * k]: where the
+    group's pseudo rows sit, and the real rows they stand for."""
+    return (pos[:, None] + torch.arange(1, k + 1)).reshape(-1)
+
+
 def targets(segs: list[Segment], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher rows p+i for every (position, offset), row-major [N = (sum of G) * k]: top ids
     [N, n], top logits [N, n], full log-sum-exp [N], valid bool [N]."""
     ids, logits, lse, valid = [], [], [], []
     for ctx, pos in segs:
-        rows = (pos[:, None] + torch.arange(1, k + 1)).reshape(-1)
+        rows = future_rows(pos, k)
         ok = (rows <= ctx.length - 2) & (rows >= ctx.row0)
         rows = (rows.clamp(max=ctx.length - 1) - ctx.row0).clamp(min=0)
         ids.append(ctx.top_ids[rows])
