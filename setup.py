@@ -169,6 +169,8 @@ setup(
     # transformers (+ accelerate for its GGUF loader) is the reference the tests compare against.
     extras_require={
         "serve": ["fastapi", "uvicorn"],
+        # benchmarks/peers.py: llama.cpp on the same GGUF (an sdist: it compiles llama.cpp)
+        "peers": ["llama-cpp-python"],
         # openai + httpx: the server tests drive a live server through the official client
         "test": [
             *("pytest", "transformers", "accelerate", "triton", "ruff"),

@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from firp_engine.backend import cpu_model
 
 PROMPTS = [
     "Explain how a paged KV cache works in an inference engine.",
@@ -33,7 +34,11 @@ import json, sys, torch
 from firp_engine.generate import LLM
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
-llm = LLM(None, dtype="bf16", backend="cpu", threads=args["threads"])
+try:
+    llm = LLM(None, dtype="bf16", backend="cpu", threads=args["threads"], weights=args["weights"])
+except TypeError:  # a tree from before weight formats: dense only
+    assert args["weights"] == "dense", "this tree has dense weights only"
+    llm = LLM(None, dtype="bf16", backend="cpu", threads=args["threads"])
 llm.generate("Hello", max_new_tokens=8)  # warm-up
 out = {}
 for spec in args["methods"]:
@@ -51,17 +56,15 @@ print(json.dumps(out))
 """
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def run_tree(tree: Path, methods: list[str], args) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(args.threads))
-    payload = {"methods": methods, "prompts": PROMPTS, "tokens": args.tokens, "threads": args.threads}
+    payload = {
+        "methods": methods,
+        "prompts": PROMPTS,
+        "tokens": args.tokens,
+        "threads": args.threads,
+        "weights": args.weights,
+    }
     res = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(payload)], cwd=tree, env=env, capture_output=True, text=True
     )
@@ -78,6 +81,7 @@ def main() -> None:
         "--after-methods", nargs="+", default=None, help="the same methods as the AFTER tree spells them"
     )
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--weights", default="dense", choices=["dense", "native"], help="both trees")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)

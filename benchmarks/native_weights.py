@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from before_after import PROMPTS, cpu_model  # noqa: E402
+from before_after import PROMPTS  # noqa: E402
 from kernel_bench import copy_bandwidth  # noqa: E402
 
+from firp_engine.backend import cpu_model  # noqa: E402
 from firp_engine.generate import LLM  # noqa: E402
 from firp_engine.loading import load  # noqa: E402
 

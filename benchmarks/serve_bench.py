@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import signal
 import socket
 import subprocess
@@ -32,15 +31,7 @@ import httpx
 from openai import AsyncOpenAI
 from spec_bench import DEFAULT_QUESTIONS, load_questions
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from firp_engine.backend import cpu_model
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -146,7 +137,7 @@ def run(args) -> dict:
     prompts = [q["turns"][0] for q in load_questions(args.questions, args.limit)]
     plan = {"ar": args.concurrency, "firp": args.firp_concurrency}
     res: dict = {
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "dtype": args.dtype,
         "threads": args.threads,
         "max_tokens": args.max_tokens,

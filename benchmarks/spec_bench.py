@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+from firp_engine.backend import cpu_model
 
 DEFAULT_QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 
@@ -60,7 +61,8 @@ def run(args) -> dict:
     from firp_engine.generate import LLM
 
     torch.set_num_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, backend=args.backend)
+    llm = LLM(args.model, dtype=args.dtype, backend=args.backend, weights=args.weights)
+    args.weights, args.isa = llm.weights, llm.backend.isa  # "auto" resolved, for the report
     questions = load_questions(args.questions, args.limit)
     variants = {m: parse_method(m, args) for m in args.methods}
     llm.generate("Hello", max_new_tokens=8)  # warm-up
@@ -113,8 +115,10 @@ def summarize(args, stats, mismatches) -> dict:
                 "questions": s["n"],
             }
     return {
-        "machine": f"{platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}",
+        "machine": f"{cpu_model()}, ISA path {getattr(args, 'isa', '?')}, {args.threads} threads, "
+        f"torch {torch.__version__}",
         "dtype": args.dtype,
+        "weights": getattr(args, "weights", "dense"),
         "max_new_tokens": args.max_new_tokens,
         "limit_per_category": args.limit,
         "methods": args.methods,
@@ -137,7 +141,8 @@ def markdown(res: dict) -> str:
         rows.append(f"| {c} | " + " | ".join(cells) + " |")
     ar_tps = res["table"]["overall"]["ar"]["tokens_per_s"]
     foot = (
-        f"\n{res['machine']}, {res['dtype']}, greedy, up to {res['max_new_tokens']} new tokens, "
+        f"\n{res['machine']}, {res['dtype']}, weights {res.get('weights', 'dense')}, greedy, "
+        f"up to {res['max_new_tokens']} new tokens, "
         f"{res['limit_per_category'] or 'all'} questions per category; ar = {ar_tps:.1f} tokens/s. "
         f"Outputs differing from ar: "
         + ", ".join(f"{m}: {len(res['mismatches_vs_ar'].get(m, []))}" for m in methods if m != "ar")
@@ -185,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=None, help="questions per category")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    ap.add_argument("--weights", default="auto", choices=["auto", "dense", "native", "native-float"])
     ap.add_argument("--backend", default=None)
     ap.add_argument("--head", default=None, help="FIRP head (default: the shipped one)")
     ap.add_argument("--tree-budget", type=int, default=None)

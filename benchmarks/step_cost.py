@@ -19,10 +19,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from before_after import cpu_model  # noqa: E402
 from kernel_bench import LINEAR_SHAPES, copy_bandwidth, timeit  # noqa: E402
 
-from firp_engine.backend import Backend, available_backends  # noqa: E402
+from firp_engine.backend import (  # noqa: E402
+    Backend,
+    available_backends,
+    cpu_model,  # noqa: E402
+)
 from firp_engine.firp.budget import ROWS, measure  # noqa: E402
 from firp_engine.generate import LLM  # noqa: E402
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import platform
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,17 @@ from firp_engine.config import ModelConfig
 from firp_engine.errors import FirpError, FirpWarning
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for cost-curve caches and every benchmark table."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 # The packed weight layout belongs to the kernel that reads it: these two run together.
 LINEAR_OPS = ("pack_linear", "linear")
 # The ops one decoder layer runs: a backend's C++ layer loop (`layer_stack`) calls its own

@@ -18,10 +18,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     p.add_argument(
         "--weights",
-        choices=["dense", "native", "native-float"],
-        default="dense",
+        choices=["auto", "dense", "native", "native-float"],
+        default="auto",
         help="dense: dequantized to --dtype; native: a GGUF's Q4_0/Q4_1/Q8_0 blocks, activations "
-        "quantized to 8 bits in the GEMM; native-float: blocks, activations kept in --dtype",
+        "quantized to 8 bits in the GEMM; native-float: blocks, activations kept in --dtype; "
+        "auto (default): native for a GGUF in bf16 on the cpu backend, else dense",
     )
     p.add_argument(
         "--backend",

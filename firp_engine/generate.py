@@ -18,7 +18,7 @@ import torch
 from firp_engine.backend import Backend
 from firp_engine.errors import FirpError
 from firp_engine.kv_cache import Sequence
-from firp_engine.loading import Checkpoint, load, release_freed_memory
+from firp_engine.loading import Checkpoint, auto_weights, load, release_freed_memory
 from firp_engine.model import Batch, SeqRows, Transformer
 from firp_engine.sampling import SamplingParams, sample
 from firp_engine.scheduler import GenerationResult, Request, Scheduler, State
@@ -120,14 +120,16 @@ class LLM:
         prefill_chunk: int = 512,
         head: str | None = None,
         threads: int | None = None,
-        weights: str = "dense",
+        weights: str = "auto",
     ) -> None:
         if dtype not in ("fp32", "bf16"):
             raise FirpError(f"unsupported dtype '{dtype}' (fp32 or bf16; fp16 is very slow on CPUs)")
         if threads:
             torch.set_num_threads(threads)
         backend_chosen = Backend.create(backend)  # before loading: an unusable one fails fast
-        # weights: loading.WEIGHT_FORMATS (a Checkpoint passed in comes as it was loaded)
+        # weights: loading.WEIGHT_FORMATS or "auto" (a Checkpoint passed in comes as it was loaded)
+        if weights == "auto" and not isinstance(model, Checkpoint):
+            weights = auto_weights(model, dtype, backend_chosen.name)
         ckpt = model if isinstance(model, Checkpoint) else load(model, weights)
         self.tokenizer = ckpt.tokenizer
         self.config = ckpt.config

@@ -79,6 +79,16 @@ def default_model_path() -> Path:
 WEIGHT_FORMATS = ("dense", "native", "native-float")
 
 
+def auto_weights(model: str | Path | None, dtype: str, backend: str) -> str:
+    """The default format ("auto"): a GGUF keeps its quantized blocks ("native") for bf16 runs
+    on the cpu backend, the fast path (3.5x fewer bytes per step than bf16 on the default
+    model). fp32 runs stay dense: they are the exact reference. Other backends have no block
+    kernels, and a Hugging Face folder has no blocks. A GGUF without Q4_0/Q4_1/Q8_0 matrices
+    loads dense either way."""
+    gguf = model is None or Path(model).suffix == ".gguf"
+    return "native" if gguf and dtype == "bf16" and backend == "cpu" else "dense"
+
+
 def load(model: str | Path | None = None, weights: str = "dense") -> Checkpoint:
     """Read a checkpoint (None: the default model). Nothing is cached: the caller holds the
     fp32 tensors only as long as it needs them (`LLM` drops them once the model is cast).

@@ -56,3 +56,16 @@ def test_curve_is_measured_once_and_cached(tmp_path, monkeypatch):
     want, policy, _ = budget.plan(default_acc(3), 3, curve)
     assert FirpDrafter(llm, head=head).full.tree.n == want
     assert FirpDrafter(llm, head=head, tree_budget=7, pseudo_policy="all").full.tree.n == 7
+
+
+def test_cost_curves_are_cached_per_weight_format():
+    """Native blocks and dense tensors have one fingerprint (the same values) but different
+    step costs, so each format measures and caches its own curve."""
+    from types import SimpleNamespace
+
+    be = SimpleNamespace(name="cpu", isa="avx2", device="cpu")
+    dense, native = (
+        SimpleNamespace(backend=be, fingerprint="f", weights=w, dtype="bf16") for w in ("dense", "native")
+    )
+    assert budget._cache_file(dense) != budget._cache_file(native)
+    assert budget._cache_file(dense) == budget._cache_file(SimpleNamespace(**vars(dense)))

@@ -58,7 +58,7 @@ def bf16_llm():
     if "cpu" not in available_backends():
         pytest.skip("the cpu backend's extension is not built")
     try:
-        return LLM(None, dtype="bf16", backend="cpu")
+        return LLM(None, dtype="bf16", backend="cpu", weights="dense")
     except FirpError as e:
         pytest.skip(str(e))
 

@@ -95,7 +95,7 @@ def test_sampling_is_seeded(default_llm):
 
 
 def test_bf16_stays_close_to_fp32(default_llm):
-    llm16 = LLM(None, dtype="bf16")
+    llm16 = LLM(None, dtype="bf16", weights="dense")
     ids = default_llm.encode("What is 2 + 2?")
     a = engine_logits(default_llm, ids)
     b = engine_logits(llm16, ids)

@@ -12,7 +12,7 @@ from tiny_models import write_tiny_gguf
 
 from firp_engine.errors import FirpError
 from firp_engine.generate import LLM
-from firp_engine.loading import load
+from firp_engine.loading import auto_weights, load
 from firp_engine.quant import (
     BLOCK_BYTES,
     QuantWeight,
@@ -214,9 +214,9 @@ def engine_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     return logits(llm, ids)
 
 
-def default_native(weights: str) -> LLM:
+def default_native(weights: str, dtype: str = "fp32") -> LLM:
     try:
-        return LLM(load(None, weights=weights), dtype="fp32", backend="cpu")
+        return LLM(load(None, weights=weights), dtype=dtype, backend="cpu")
     except FirpError as e:
         pytest.skip(str(e))
 
@@ -263,12 +263,26 @@ def test_default_model_native_q8_drifts_like_bf16(default_llm):
 
 
 @needs_cpu
-@pytest.mark.parametrize("weights", ["native", "native-float"])
-def test_speculative_methods_equal_ar_under_native_weights(weights):
+@pytest.mark.parametrize("weights,dtype", [("native", "fp32"), ("native-float", "fp32"), ("native", "bf16")])
+def test_speculative_methods_equal_ar_under_native_weights(weights, dtype):
     """FIRP, Medusa (the shipped heads) and PLD give ar's tokens, token for token: the quantized
-    GEMM holds row invariance, so a verified row is the row a plain decode step computes."""
-    llm = default_native(weights)
+    GEMM holds row invariance, so a verified row is the row a plain decode step computes. bf16
+    native is the default format on the cpu backend."""
+    llm = default_native(weights, dtype)
     prompts = ["What is the capital of France?", "List three uses of Python."]
     ar = [r.new_ids for r in llm.generate(prompts, max_new_tokens=48)]
     for method in ("firp", "medusa", "pld"):
         assert [r.new_ids for r in llm.generate(prompts, method=method, max_new_tokens=48)] == ar, method
+
+
+def test_auto_weights_is_native_for_a_gguf_in_bf16_on_the_cpu_backend(tmp_path):
+    assert auto_weights(None, "bf16", "cpu") == "native"  # the default model is a GGUF
+    assert auto_weights("m.gguf", "fp32", "cpu") == "dense"  # fp32 stays the exact reference
+    assert auto_weights("m.gguf", "bf16", "torch") == "dense"  # no block kernels there
+    assert auto_weights(tmp_path, "bf16", "cpu") == "dense"  # a folder has no blocks
+    if not has_cpu_kernels():
+        return
+    write_tiny_gguf(tmp_path / "m.gguf", "Q4_1")
+    assert LLM(tmp_path / "m.gguf", dtype="bf16", backend="cpu").weights == "native"
+    assert LLM(tmp_path / "m.gguf", dtype="fp32", backend="cpu").weights == "dense"
+    assert LLM(tmp_path / "m.gguf", dtype="bf16", backend="cpu", weights="dense").weights == "dense"

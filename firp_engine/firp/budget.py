@@ -19,12 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from firp_engine.backend import cpu_model
 from firp_engine.firp.pseudo import PseudoLayout, spawning
 from firp_engine.spec.tree import DraftTree
 
@@ -45,14 +45,11 @@ def cost_at(curve: dict[int, float], rows: int) -> float:
 
 
 def _cache_file(llm) -> Path:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     be = llm.backend
-    key = f"{cpu}|{be.name}|{be.isa}|{be.device}|{llm.fingerprint}|{llm.dtype}|{torch.get_num_threads()}"
+    # weights: native blocks and dense tensors share a fingerprint (the same values) but not a curve
+    key = f"{cpu}|{be.name}|{be.isa}|{be.device}|{llm.fingerprint}|{llm.weights}|{llm.dtype}"
+    key += f"|{torch.get_num_threads()}"
     return CACHE / f"cost_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
