@@ -52,14 +52,19 @@ def llama_cpp(path: Path, threads: int) -> Engine:
         verbose=False,
     )
 
+    import numpy as np
+
+    def argmax() -> int:  # the last token's logits (llama-cpp-python keeps none without logits_all)
+        return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())
+
     def run(ids: list[int], n: int) -> tuple[list[int], float]:
         llm.reset()
         llm.eval(ids)  # the prefill, one token per call (n_batch=1)
-        out = [int(llm.scores[llm.n_tokens - 1].argmax())]
+        out = [argmax()]
         t0 = time.perf_counter()
         while len(out) < n and out[-1] != EOS:
             llm.eval([out[-1]])
-            out.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+            out.append(argmax())
         return out, time.perf_counter() - t0
 
     return run
@@ -68,9 +73,9 @@ def llama_cpp(path: Path, threads: int) -> Engine:
 def transformers_engine(path: Path, threads: int) -> Engine:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.bfloat16
-    ).eval()
+    # fp32: transformers 5 keeps a GGUF's blocks and computes in fp32 (its advice: fastest so)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model.eval()
 
     @torch.inference_mode()
     def run(ids: list[int], n: int) -> tuple[list[int], float]:
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = default_model_path()
-    llms = {"dense": LLM(None, dtype="bf16", backend="cpu", threads=args.threads)}  # also the tokenizer
+    llms = {"dense": LLM(None, dtype="bf16", backend="cpu", threads=args.threads, weights="dense")}
     engines = make_engines(args.engines, path, args.threads, llms)
     probe = llms["dense"]
     qs = load_questions(args.questions, None)

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="model config, dtype, backend, device, fallbacks, memory")
     _model_args(i)
+    i.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="time this machine's step cost curve again (on a quiet machine)",
+    )
 
     t = sub.add_parser("train-head", help="train a FIRP (or Medusa) draft head")
     from firp_engine.firp import train_cli
@@ -278,7 +283,7 @@ def cmd_info(args) -> None:
             "tokens": llm.cache.num_blocks * llm.cache.block_size,
         },
         "max_context": llm.max_context,
-        "draft_tree": _draft_tree_info(llm),
+        "draft_tree": _draft_tree_info(llm, args.recalibrate),
         "config": {k: v for k, v in cfg.__dict__.items()},
     }
     print(json.dumps(info, indent=2, default=str))
@@ -292,7 +297,7 @@ def _cpu_paths() -> dict | None:
     return {"cpu_runs": list(cpu.CPU_PATHS), "built": list(cpu.MODULES)}
 
 
-def _draft_tree_info(llm) -> dict:
+def _draft_tree_info(llm, recalibrate: bool = False) -> dict:
     """This machine's step cost curve and the FIRP tree it picks (firp/budget.py)."""
     from firp_engine.firp.budget import cost_curve, plan
     from firp_engine.firp.head import FirpHead, resolve_head
@@ -302,7 +307,7 @@ def _draft_tree_info(llm) -> dict:
         head = resolve_head(llm, None, FirpHead, "firp")
     except FirpError as e:
         return {"note": str(e)}
-    curve = cost_curve(llm)
+    curve = cost_curve(llm, recalibrate)
     acc = [list(r) for r in head.meta.get("acc") or default_acc(head.k)][: head.k]
     budget, policy, speedup = plan(acc, head.k, curve)
     return {

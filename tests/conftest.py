@@ -8,6 +8,11 @@ if not torch.cuda.is_available():
     # Must be set before triton is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.manual_seed(0)
+# Cost curves timed under a test run are the test run's figures: keep them out of the user's
+# cache (firp/budget.py reads this at import).
+os.environ.setdefault(
+    "FIRP_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"firp-test-cache-{os.getpid()}")
+)
 
 import pytest  # noqa: E402
 

@@ -2,6 +2,8 @@
 of tokens per step, and the choice it makes on flat and steep curves."""
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 from spec_helpers import make_llm, random_head, tiny_checkpoint
@@ -42,6 +44,8 @@ def test_steady_rate_counts_fallback_trees():
 
 def test_curve_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(budget, "CACHE", tmp_path)
+    monkeypatch.setattr(budget, "machine_busy", lambda: None)  # the test run's own load aside
+    monkeypatch.setattr(budget, "_MEASURED", {})
     llm = make_llm(tiny_checkpoint(vocab=97, n_layers=2, d=32, seed=0, head_scale=0.5))
     calls = []
     real = budget.measure
@@ -69,3 +73,41 @@ def test_cost_curves_are_cached_per_weight_format():
     )
     assert budget._cache_file(dense) != budget._cache_file(native)
     assert budget._cache_file(dense) == budget._cache_file(SimpleNamespace(**vars(dense)))
+
+
+def test_a_curve_timed_on_a_busy_machine_is_not_cached(tmp_path, monkeypatch):
+    """Timed beside another job, a curve is that job's figure: this process keeps it, the disk
+    cache does not; recalibrate measures again."""
+    monkeypatch.setattr(budget, "CACHE", tmp_path)
+    monkeypatch.setattr(budget, "_MEASURED", {})
+    llm = make_llm(tiny_checkpoint(vocab=97, n_layers=2, d=32, seed=0, head_scale=0.5))
+    calls = []
+    monkeypatch.setattr(budget, "measure", lambda llm: calls.append(1) or {r: float(r) for r in ROWS})
+    monkeypatch.setattr(budget, "machine_busy", lambda: 1.5)
+    with pytest.warns(budget.FirpWarning, match="busy machine"):
+        assert budget.cost_curve(llm)[64] == 64.0
+    assert budget.cost_curve(llm)[64] == 64.0 and len(calls) == 1  # measured once per process
+    assert not list(tmp_path.glob("cost_*.json"))
+    monkeypatch.setattr(budget, "machine_busy", lambda: None)
+    budget.cost_curve(llm, recalibrate=True)
+    assert len(calls) == 2 and len(list(tmp_path.glob("cost_*.json"))) == 1
+    monkeypatch.setattr(budget, "_MEASURED", {})  # a new process reads the disk cache
+    assert budget.cost_curve(llm)[64] == 64.0 and len(calls) == 2
+
+
+def test_machine_busy_sees_another_process_spinning():
+    if not Path("/proc/stat").exists():
+        pytest.skip("no /proc/stat")
+    import subprocess
+    import sys
+
+    spin = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"]
+    )
+    try:
+        time.sleep(0.3)  # the child is up and spinning
+        busy = budget.machine_busy(0.3)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert busy is not None and busy > 0.6  # one core spinning (this process sleeps meanwhile)

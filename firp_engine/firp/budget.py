@@ -20,11 +20,13 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from firp_engine.backend import cpu_model
+from firp_engine.errors import FirpWarning
 from firp_engine.firp.pseudo import PseudoLayout, spawning
 from firp_engine.spec.tree import DraftTree
 
@@ -90,14 +92,53 @@ def measure(llm, prefix: int = 256, reps: int = 5) -> dict[int, float]:
     return out
 
 
-def cost_curve(llm) -> dict[int, float]:
-    """The cached curve {rows: ms} for this machine and model, measured on first use."""
-    path = _cache_file(llm)
+def machine_busy(window: float = 0.25) -> float | None:
+    """The CPUs (in cores) that other work keeps busy while this process idles for `window`
+    seconds, when over half a core; else None. A curve timed beside such work is that work's
+    figure, not this machine's. (The load average would count this process's own recent work.)"""
+
+    def busy_total() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+        return sum(v) - idle, sum(v)
+
     try:
-        return {int(r): ms for r, ms in json.loads(path.read_text())["ms"].items()}
-    except (OSError, ValueError, KeyError):
-        pass
-    ms = measure(llm)
+        b0, t0 = busy_total()
+        time.sleep(window)
+        b1, t1 = busy_total()
+    except (OSError, ValueError, IndexError):
+        return None  # not Linux: no check
+    cores = (b1 - b0) / max(t1 - t0, 1) * (os.cpu_count() or 1)
+    return cores if cores > 0.5 else None
+
+
+_MEASURED: dict[Path, dict[int, float]] = {}  # this process's curves (a busy one is not on disk)
+
+
+def cost_curve(llm, recalibrate: bool = False) -> dict[int, float]:
+    """The cached curve {rows: ms} for this machine and model, measured on first use (or
+    again with recalibrate). A curve measured on a busy machine serves this process only:
+    it is not cached, so the next run on a quiet machine measures again."""
+    path = _cache_file(llm)
+    if not recalibrate:
+        if path in _MEASURED:
+            return _MEASURED[path]
+        try:
+            return {int(r): ms for r, ms in json.loads(path.read_text())["ms"].items()}
+        except (OSError, ValueError, KeyError):
+            pass
+    busy = machine_busy()
+    ms = _MEASURED[path] = measure(llm)
+    if busy is not None:
+        warnings.warn(
+            f"the step cost curve was timed on a busy machine ({busy:.1f} cores in use by others): "
+            "used for this run "
+            "only, not cached (`firp info --recalibrate` on a quiet machine fixes it)",
+            FirpWarning,
+            stacklevel=2,
+        )
+        return ms
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"ms": ms, "measured": time.strftime("%Y-%m-%d %H:%M")}))
