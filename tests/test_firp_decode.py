@@ -105,6 +105,29 @@ def test_greedy_equals_ar(llm, head, oracle):
     assert any(r.accepted_hist.get(4, 0) for r in orc)  # full-depth paths (3 drafts + bonus) happened
 
 
+def test_root_embedding_head_greedy_equals_ar(llm, head):
+    """The root-embedding variant (U_i e(node token) added to each pseudo state) changes the
+    drafts, never the output."""
+    variant = FirpHead(llm.config.hidden_size, head.k, head.layer, dict(head.meta), root_embedding=True)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        variant.weight.copy_(head.weight)
+        variant.bias.copy_(head.bias)
+        variant.emb_weight.copy_(
+            0.5 * torch.randn(variant.emb_weight.shape, generator=g) / head.weight.shape[-1] ** 0.5
+        )
+    ps = prompts(6, llm.config.vocab_size, seed=4)
+    ar = llm.generate([""] * len(ps), prompt_ids=ps, max_new_tokens=64)
+    opts = {"tree_budget": 10, "pseudo_policy": "all", "tree": "static", "lookup": False}
+    plain = llm.generate([""] * len(ps), prompt_ids=ps, method="firp", head=head, max_new_tokens=64, **opts)
+    firp = llm.generate([""] * len(ps), prompt_ids=ps, method="firp", head=variant, max_new_tokens=64, **opts)
+    for p, a, f in zip(ps, ar, firp, strict=True):
+        assert f.new_tokens == 64
+        assert_same_or_near_tie(llm.model, p, f.new_ids, a.new_ids)
+    # the embedding term reached the drafts: the accepted lengths differ from the plain head's
+    assert [r.accepted_hist for r in firp] != [r.accepted_hist for r in plain]
+
+
 @pytest.mark.parametrize(
     "opts",
     [{"pseudo_policy": "top:2"}, {"tree_budget": 1}, {"tree_budget": 25}, {}],  # {}: the default tree

@@ -207,6 +207,36 @@ def test_hidden_weight_adds_the_relative_state_error(model):
     assert state_error(regressed) < state_error(plain)
 
 
+def test_root_embedding_variant(model, tmp_path):
+    """The variant adds U_i e(token at p) to each pseudo state: with U = 0 it is the plain
+    head (same loss), by hand it is W_i h + b_i + U_i e, training moves U, files keep it."""
+    data = examples(4)
+    probe = []
+    for ex in data:
+        ctx = context_pass(model, ex, [LAYER], cfg().n_top, 1024)
+        ctx.ids = torch.tensor(ex[0] + ex[1])  # as ContextStore.get sets them
+        probe.append((ctx, T.candidate_positions(ctx, K, False)[1]))
+    d = model.cfg.hidden_size
+    plain, variant = FirpHead(d, K, LAYER), FirpHead(d, K, LAYER, root_embedding=True)
+    with torch.no_grad():
+        same = distill_loss(model, plain, probe, cfg())[0]
+        torch.testing.assert_close(distill_loss(model, variant, probe, cfg(root_embedding=True))[0], same)
+        variant.emb_weight.normal_(0, d**-0.5)
+        ctx, pos = probe[0]
+        h, e = ctx.h[LAYER][pos], model.embed_tokens(ctx.ids[pos])
+        want = torch.einsum("nd,ked->nke", h, variant.weight) + variant.bias
+        want = want + torch.einsum("nd,ked->nke", e, variant.emb_weight)
+        torch.testing.assert_close(variant(h, e), want.reshape(-1, d), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="embeddings"):
+        variant(h)
+    trained, _ = T.train(model, FIRP, data, cfg(max_steps=4, root_embedding=True))
+    assert trained.emb_weight is not None and trained.emb_weight.abs().sum() > 0
+    trained.save(tmp_path / "h")
+    back = FirpHead.load(tmp_path / "h")
+    assert torch.equal(back.emb_weight, trained.emb_weight) and back.n_params() == trained.n_params()
+    assert plain.emb_weight is None and "emb_weight" not in plain.state_dict()
+
+
 def test_deterministic_for_a_seed(model):
     data = examples(3)
     a, sa = T.train(model, FIRP, data, cfg(max_steps=4))

@@ -37,6 +37,7 @@ class Context:
     top_logits: torch.Tensor  # fp32 [T - row0, n_top]
     lse: torch.Tensor  # fp32 [T - row0]: log-sum-exp of the teacher's full logits
     row0: int
+    ids: torch.Tensor | None = None  # int64 [T], the tokens (set by ContextStore.get, not cached)
 
     def covers(self, layers: list[int], n_top: int, row0: int) -> bool:
         kv_from = min(layers)
@@ -53,6 +54,7 @@ class Context:
         d["k"] = {i: x.half() for i, x in self.k.items()}
         d["v"] = {i: x.half() for i, x in self.v.items()}
         d["top_ids"] = self.top_ids.int()
+        d.pop("ids")  # the example has them: caches from before this field stay valid
         return d
 
     @classmethod
@@ -149,6 +151,11 @@ class ContextStore:
         return self.dir / f"{h.hexdigest()[:20]}.pt"
 
     def get(self, example: Example, layers: list[int] | None = None) -> Context:
+        ctx = self._get(example, layers)
+        ctx.ids = torch.tensor((list(example[0]) + list(example[1]))[: ctx.length], dtype=torch.int64)
+        return ctx
+
+    def _get(self, example: Example, layers: list[int] | None = None) -> Context:
         need = layers or self.layers
         row0 = 0 if self.with_prompt else min(len(example[0]), self.max_len)
         path = self._path(example) if self.dir else None

@@ -42,6 +42,9 @@ class FirpDrafter:
         # The maps in the run's dtype and on its device, so a step casts nothing.
         self.weight = h.weight.detach().to(self.model.dtype, copy=True).to(self.model.device)
         self.bias = h.bias.detach().to(self.model.dtype, copy=True).to(self.model.device)
+        self.emb_weight = None  # the root-embedding variant's maps (head.py)
+        if h.emb_weight is not None:
+            self.emb_weight = h.emb_weight.detach().to(self.model.dtype, copy=True).to(self.model.device)
         self.layer, self.k = h.layer, h.k
         acc = [list(r) for r in (acc or h.meta.get("acc") or default_acc(self.k))][: self.k]
         if tree_budget is None and pseudo_policy is None:  # the machine decides (firp/budget.py)
@@ -66,7 +69,12 @@ class FirpDrafter:
 
     def extra_rows(self, draft: Draft, h: torch.Tensor) -> torch.Tensor:
         """The spawning nodes' layer-l states [m, d] -> their pseudo rows [m * k, d]."""
-        return self.model.backend.call("firp_project", h[draft.layout.spawn_idx], self.weight, self.bias)
+        idx = draft.layout.spawn_idx
+        rows = self.model.backend.call("firp_project", h[idx], self.weight, self.bias)
+        if self.emb_weight is not None:  # + U_i e(token) of each spawning node
+            e = self.model.embed_tokens([draft.tokens[j] for j in draft.layout.spawn])
+            rows = rows + self.model.backend.call("firp_project", e, self.emb_weight, None)
+        return rows
 
     def propose(self, st: State, last: StepOutput | None) -> Draft:
         if last is None:

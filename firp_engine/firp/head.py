@@ -18,24 +18,39 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "heads"
 
 
 class FirpHead(torch.nn.Module):
-    def __init__(self, d: int, k: int, layer: int, meta: dict | None = None) -> None:
+    """pseudo_i = W_i h + b_i (the paper's maps); with root_embedding (a variant) also
+    + U_i e, e the input embedding of the node's own token: the token's identity directly,
+    not as 20 layers have mixed it into h."""
+
+    def __init__(
+        self, d: int, k: int, layer: int, meta: dict | None = None, root_embedding: bool = False
+    ) -> None:
         super().__init__()
         self.layer = layer  # pseudo rows enter after layers [0, layer) have run
         self.k = k
         # Start at the identity: a pseudo state first looks like the current token's state.
         self.weight = torch.nn.Parameter(torch.eye(d).repeat(k, 1, 1))
         self.bias = torch.nn.Parameter(torch.zeros(k, d))
+        # Zero: the variant starts as the plain head.
+        self.emb_weight = torch.nn.Parameter(torch.zeros(k, d, d)) if root_embedding else None
         self.meta = dict(meta or {})
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h [n, d] -> pseudo rows [n * k, d] (row j*k + i is offset i+1 of node j)."""
+    def forward(self, h: torch.Tensor, e: torch.Tensor | None = None) -> torch.Tensor:
+        """h [n, d] (and e [n, d], the nodes' token embeddings, for the root-embedding
+        variant) -> pseudo rows [n * k, d] (row j*k + i is offset i+1 of node j)."""
         w, b = self.weight, self.bias
         if h.dtype != w.dtype:
             w, b = w.to(h.dtype), b.to(h.dtype)
-        return ops.firp_project(h, w, b)  # the reference: differentiable, for training and tests
+        y = ops.firp_project(h, w, b)  # the reference: differentiable, for training and tests
+        if self.emb_weight is not None:
+            if e is None:
+                raise ValueError("a root-embedding FIRP head needs the nodes' token embeddings")
+            y = y + ops.firp_project(e.to(h.dtype), self.emb_weight.to(h.dtype), None)
+        return y
 
     def n_params(self) -> int:
-        return self.weight.numel() + self.bias.numel()
+        extra = 0 if self.emb_weight is None else self.emb_weight.numel()
+        return self.weight.numel() + self.bias.numel() + extra
 
     def save(self, path: str | Path, meta: dict | None = None) -> None:
         from safetensors.torch import save_file
@@ -45,16 +60,20 @@ class FirpHead(torch.nn.Module):
         self.meta.update(meta or {})
         self.meta.update({"layer": self.layer, "k": self.k, "d": self.weight.shape[-1], "kind": "firp"})
         tensors = {"weight": self.weight.detach().float().contiguous(), "bias": self.bias.detach().float()}
+        if self.emb_weight is not None:
+            tensors["emb_weight"] = self.emb_weight.detach().float().contiguous()
         save_file(tensors, str(path) + ".safetensors")
         Path(str(path) + ".json").write_text(json.dumps(self.meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path, fingerprint: str | None = None) -> FirpHead:
         meta, tensors = read_head_files(path, fingerprint, "firp")
-        head = cls(int(meta["d"]), int(meta["k"]), int(meta["layer"]), meta)
+        head = cls(int(meta["d"]), int(meta["k"]), int(meta["layer"]), meta, "emb_weight" in tensors)
         with torch.no_grad():
             head.weight.copy_(tensors["weight"])
             head.bias.copy_(tensors["bias"])
+            if head.emb_weight is not None:
+                head.emb_weight.copy_(tensors["emb_weight"])
         return head
 
 

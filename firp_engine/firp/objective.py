@@ -70,7 +70,10 @@ def pseudo_forward(
     N = (sum of G) * k (grad flows into the head when autograd is on)."""
     k, layer = head.k, head.layer
     h0 = torch.cat([ctx.h[layer][pos].to(model.dtype) for ctx, pos in segs])  # [G, d]
-    x0 = head(h0)  # [G * k, d]
+    e0 = None
+    if head.emb_weight is not None:  # the root-embedding variant: the tokens at p
+        e0 = model.embed_tokens(torch.cat([ctx.ids[pos] for ctx, pos in segs]).tolist())
+    x0 = head(h0, e0)  # [G * k, d]
     x = x0.clone()  # without autograd the layers run in place
     positions = torch.cat([future_rows(pos, k) for _, pos in segs])
     attend = group_attend(model, segs, k, layer)
@@ -142,7 +145,9 @@ def firp_ranks(
 
 FIRP = Objective(
     "firp",
-    make_head=lambda model, cfg: FirpHead(model.cfg.hidden_size, cfg.k, cfg.layer),
+    make_head=lambda model, cfg: FirpHead(
+        model.cfg.hidden_size, cfg.k, cfg.layer, root_embedding=cfg.root_embedding
+    ),
     loss=distill_loss,
     ranks=firp_ranks,
 )

@@ -47,6 +47,7 @@ class TrainConfig:
     loss: str = "tail"  # 'tail' (top-n + a rest-of-vocab bucket) or 'top' (renormalised top-n; FIRP only)
     offset_weights: list[float] = field(default_factory=list)  # [] = all 1
     hidden_weight: float = 0.0  # FIRP: weight of the pseudo-state regression term (objective.py)
+    root_embedding: bool = False  # FIRP: the maps also see the node token's embedding (head.py)
     max_len: int = 1024  # longer sequences are cut (attention memory)
     warmup: int = 20
     seed: int = 0

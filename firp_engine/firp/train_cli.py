@@ -56,6 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="FIRP: add this x the relative error of each pseudo state against the real layer-l "
         "state of the token it stands for (0 = KL only, the paper's objective)",
     )
+    p.add_argument(
+        "--root-embedding",
+        action="store_true",
+        help="FIRP: each pseudo state also sees the input embedding of the node's own token (a head variant)",
+    )
     p.add_argument("--n-top", type=int, default=d.n_top, help="teacher ids in the KL")
     p.add_argument(
         "--loss", default=d.loss, choices=["tail", "top"], help="KL over top-n + tail, or renormalised top-n"
@@ -108,6 +113,7 @@ def config_from_args(args: argparse.Namespace, layer: int) -> TrainConfig:
         loss=args.loss,
         offset_weights=weights,
         hidden_weight=args.hidden_weight,
+        root_embedding=args.root_embedding,
         max_len=args.max_len,
         seed=args.seed,
         max_steps=args.max_steps,
@@ -156,8 +162,9 @@ def run(args: argparse.Namespace) -> dict:
     layer = args.layer if args.layer is not None else objective.default_layer
     if layer is None:
         raise FirpError(f"--layer is required for {objective.kind} heads")
-    if args.hidden_weight and objective.kind != "firp":
-        raise FirpError("--hidden-weight applies to FIRP heads only (Medusa heads have no pseudo states)")
+    for flag, on in (("--hidden-weight", args.hidden_weight), ("--root-embedding", args.root_embedding)):
+        if on and objective.kind != "firp":
+            raise FirpError(f"{flag} applies to FIRP heads only (Medusa heads have no pseudo states)")
     cfg = config_from_args(args, layer)
     # The torch backend: training needs the references (autograd), and the cached context
     # passes stay comparable across runs. No KV pool: training attends on its own.
