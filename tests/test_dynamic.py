@@ -143,3 +143,36 @@ def test_layouts_are_reused(llm):
     a = drafter.grow_draft(st, firp, [])
     b = drafter.grow_draft(st, [[(t + 20, p) for t, p in row] for row in firp], [])
     assert a.layout is b.layout and a.tokens != b.tokens and len(drafter.layouts) == 1
+
+
+@pytest.mark.parametrize("opts", [{}, {"lookup": False}], ids=["hybrid", "dynamic"])
+def test_planned_trees_extend_and_stay_lossless(llm, opts):
+    """With the planner's budget (no user budget) a tree may grow by up to `extend` nodes;
+    the output is still ar's."""
+    head = random_head(llm, layer=2, k=3, seed=1)
+    ps = repetitive(6, llm.config.vocab_size, seed=3)
+    ar = llm.generate([""] * len(ps), prompt_ids=ps, max_new_tokens=48)
+    out = llm.generate([""] * len(ps), prompt_ids=ps, method="firp", head=head, max_new_tokens=48, **opts)
+    for p, a, f in zip(ps, ar, out, strict=True):
+        assert_same_or_near_tie(llm.model, p, f.new_ids, a.new_ids)
+    d = DynamicFirpDrafter(llm, head=head, **opts)
+    assert d.max_nodes == d.budget + d.n_lookup  # room for a whole lookup chain
+    assert DynamicFirpDrafter(llm, head=head, tree_budget=4).max_nodes == 4  # the user's budget stays
+    assert DynamicFirpDrafter(llm, head=head, extend=0).max_nodes == d.budget
+
+
+def test_best_size_trades_tokens_against_step_cost(llm):
+    """Keep n best-first nodes maximising (1 + sum of their path probabilities) / cost(n):
+    never fewer than the planned budget; more only while the ratio rises."""
+    head = random_head(llm, layer=2, k=3, seed=1)
+    d = DynamicFirpDrafter(llm, head=head, tree_budget=3, pseudo_policy="top:1", extend=5)
+    assert (d.budget, d.max_nodes) == (3, 8)
+    values = [1.0, 0.9, 0.8, 0.7, 0.6, 0.1, 0.05, 0.01]  # a hot chain, then unlikely nodes
+    d.cost = [0.0] + [1.0] * 8  # free rows: keep everything
+    assert d.best_size(values) == 8
+    d.cost = [0.0] + [float(n) for n in range(1, 9)]  # every node a full step: the floor
+    assert d.best_size(values) == 3
+    d.cost = [0.0] + [1.0 + 0.2 * n for n in range(1, 9)]  # a node = 0.2 steps: keep p > ratio
+    want = max(range(3, 9), key=lambda n: (1 + sum(values[1:n])) / d.cost[n])
+    assert d.best_size(values) == want == 5
+    assert d.best_size(values[:2]) == 2  # fewer candidates than the budget

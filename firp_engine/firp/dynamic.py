@@ -14,6 +14,14 @@ depth as its probability. A token both sources propose is one node (the larger
 probability), so the node budget goes to whichever source is likelier, step by step, and
 one forward verifies both.
 
+The planner (firp/budget.py) sizes the tree from an average acceptance table. A step's own
+tree knows better: when its nodes are likely (a lookup chain on repetitive text, a
+confident FIRP path), more of them pay for their rows. So the tree may grow past the planned
+budget, by up to `extend` nodes, to the size that maximises expected tokens over expected
+step cost: best-first growth adds nodes in decreasing path probability, so its first n nodes
+are the best n-node tree, and the step cost of n nodes (plus their pseudo rows) comes from
+this machine's cost curve. The planned budget is the floor; user-given budgets never grow.
+
 Trees of the same shape and spawning set reuse one precomputed layout (masks, positions):
 a step builds its tree in Python over a few dozen candidates and looks its layout up.
 """
@@ -26,6 +34,7 @@ import torch
 
 from firp_engine.baselines.pld import lookup
 from firp_engine.errors import FirpError
+from firp_engine.firp.budget import cost_at, cost_curve
 from firp_engine.firp.drafter import FirpDrafter
 from firp_engine.firp.head import FirpHead
 from firp_engine.firp.pseudo import PseudoLayout, spawning
@@ -55,6 +64,7 @@ class DynamicFirpDrafter(FirpDrafter):
         lookup: bool = True,
         max_ngram: int = 3,
         n_lookup: int = 6,
+        extend: int | None = None,
     ) -> None:
         super().__init__(llm, head, tree_budget, pseudo_policy)
         if tree not in TREES:
@@ -65,9 +75,33 @@ class DynamicFirpDrafter(FirpDrafter):
         self.budget = self.full.tree.n  # the static tree's node count: the same budget
         self.max_ngram, self.n_lookup = max_ngram, n_lookup
         self.max_context = llm.max_context
-        spawns = self.budget if self.policy == "all" else min(self.budget, self.top)
-        self.max_rows = max(self.max_rows, self.budget + spawns * self.k)
+        planned = tree_budget is None and pseudo_policy is None
+        if extend is None:  # default: room for a whole lookup chain past the planned tree
+            extend = n_lookup if planned and self.dynamic else 0
+        self.max_nodes = self.budget + max(0, int(extend))
+        curve = cost_curve(llm) if self.max_nodes > self.budget else {1: 1.0, 2: 1.0}
+        # step cost (x a one-row forward) of an n-node tree with its pseudo rows, n = 1..max_nodes
+        self.cost = [0.0] + [
+            cost_at(curve, n + self.spawns(n) * self.k) / curve[1] for n in range(1, self.max_nodes + 1)
+        ]
+        self.max_rows = max(self.max_rows, self.max_nodes + self.spawns(self.max_nodes) * self.k)
         self.layouts: dict[tuple, PseudoLayout] = {}
+
+    def spawns(self, n: int) -> int:
+        """Nodes of an n-node tree that spawn pseudo rows under the policy."""
+        return n if self.policy == "all" else min(n, self.top)
+
+    def best_size(self, values: list[float]) -> int:
+        """How many of the best-first nodes (path probabilities `values`, root first) to
+        keep: the planned budget, or more while expected tokens per step cost rise."""
+        n0 = min(len(values), self.budget)
+        tokens = 1.0 + sum(values[1:n0])  # the bonus token, plus each node's chance
+        best, best_n = tokens / self.cost[n0], n0
+        for n in range(n0 + 1, len(values) + 1):
+            tokens += values[n - 1]
+            if tokens / self.cost[n] > best:
+                best, best_n = tokens / self.cost[n], n
+        return best_n
 
     def propose(self, st: State, last: StepOutput | None) -> Draft:
         if not self.dynamic or (last is None and not self.use_lookup):
@@ -101,7 +135,9 @@ class DynamicFirpDrafter(FirpDrafter):
                 out[tok] = max(out.get(tok, 0.0), rates[t])
             return sorted(out.items(), key=lambda kv: -kv[1])
 
-        nodes, labels = grow(self.budget, kids)
+        nodes, labels = grow(self.max_nodes, kids)
+        n = self.best_size([nd.value for nd in nodes])
+        nodes, labels = nodes[:n], labels[:n]  # best-first: a prefix is a tree
         tree = DraftTree(nodes)
         spawn = spawning(tree, self.policy, self.top)
         key = (tuple((nd.parent, nd.rank) for nd in nodes), tuple(spawn))
