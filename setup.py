@@ -52,8 +52,8 @@ _AVX512 = [
     "-Wno-maybe-uninitialized",
 ]
 SIMD_PATHS = [
-    ("amx", [*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]),  # + csrc/cpu/linear_amx.cpp
-    ("avx512bf16", [*_AVX512, "-mavx512bf16"]),
+    ("amx", [*_AVX512, "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16"]),  # + linear_amx.cpp
+    ("avx512bf16", [*_AVX512, "-mavx512bf16", "-mavx512vnni"]),  # VNNI: csrc/cpu/quant_vnni.h
     ("avx512", _AVX512),
     ("avx2", _AVX2),
 ]

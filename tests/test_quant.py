@@ -135,6 +135,32 @@ def test_float_kernel_is_the_dense_fp32_kernel(kind, path):
             )
 
 
+def runnable_paths() -> list[str]:
+    from firp_engine.backend import available_backends
+
+    return [n for n in available_backends() if n.startswith("cpu@")]
+
+
+@needs_cpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_q8_kernel_bits_equal_on_every_path(kind):
+    """act q8: the block sums are exact integers and the float steps one fixed chain, so every
+    SIMD path this machine runs (AVX2 maddubs, AVX-512 VNNI vpdpbusd over panel pairs with an
+    AVX2 tail panel, portable) gives the same bits; N = 40 / 264 / 1000 give even and odd
+    panel counts and both threads' ranges."""
+    paths = runnable_paths()
+    if len(paths) < 2:
+        pytest.skip(f"one SIMD path runs here ({paths})")
+    for n, k in [(40, 64), (264, 1536), (1000, 576)]:
+        qw = random_weight(kind, n, k, seed=n + 7)
+        for m in [1, 2, 3, 4, 5, 16, 33, 64]:
+            x = torch.randn(m, k)
+            outs = {p: run_kernel(x, qw, p) for p in paths}
+            ref = outs[paths[-1]]
+            for p, y in outs.items():
+                assert torch.equal(y.view(torch.int32), ref.view(torch.int32)), (p, paths[-1], n, k, m)
+
+
 @needs_cpu
 @pytest.mark.parametrize("act", ["q8", "float"])
 def test_large_n(act):

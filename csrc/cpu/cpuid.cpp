@@ -59,7 +59,8 @@ std::vector<std::string> cpu_paths() {
   const bool ymm = (x & 0x6) == 0x6, zmm = ymm && (x & 0xE0) == 0xE0, tiles = (x & 0x60000) == 0x60000;
   const bool avx2 = ymm && bit(l1.c, 28) && bit(l1.c, 12) && bit(l1.c, 29) && bit(l7.b, 5);  // avx fma f16c avx2
   const bool avx512 = avx2 && zmm && bit(l7.b, 16) && bit(l7.b, 17) && bit(l7.b, 30) && bit(l7.b, 31);  // f dq bw vl
-  const bool avx512bf16 = avx512 && bit(l7s1.a, 5);
+  // Every CPU with AVX512_BF16 so far also has AVX512_VNNI, which the same build uses.
+  const bool avx512bf16 = avx512 && bit(l7s1.a, 5) && bit(l7.c, 11);
   const bool amx = avx512bf16 && tiles && bit(l7.d, 24) && bit(l7.d, 22) && request_amx();  // amx-tile, amx-bf16
   if (amx) out.emplace_back("amx");
   if (avx512bf16) out.emplace_back("avx512bf16");

@@ -8,7 +8,8 @@
 //   - each row of x is quantized on its own to 8-bit blocks of 32 (scale dx = amax / 127),
 //     so a block's dot product with a weight block is an exact integer, made with AVX2's
 //     maddubs (u8 x s8 pairs -> s16) and madd (s16 pairs -> s32): 32 multiply-adds per
-//     instruction against 8 for an fp32 FMA, which keeps extra rows cheap;
+//     instruction against 8 for an fp32 FMA, which keeps extra rows cheap; with AVX-512 VNNI
+//     one vpdpbusd does 64 (quant_vnni.h);
 //   - per output, the blocks are accumulated in K order in fp32:
 //       acc = fma(float(isum), d * dx, acc)         (Q4_1 also: acc = fma(m, dx * sum(xq), acc))
 //     The integer part is exact whatever the order; the float part is one chain per output in
@@ -36,6 +37,7 @@
 
 #include "cpu_ops.h"
 #include "quant_tiles.h"
+#include "quant_vnni.h"
 
 namespace firp {
 namespace {
@@ -47,15 +49,22 @@ inline void run_tile(const Problem& pb, int64_t p, int64_t m0) {
   if (pb.act == ACT_FLOAT) {
     tile_float<KD, MR, NP>(pb, w, m0, c);
   } else {
-    tile<KD, MR, NP>(pb, w, m0, c);
+#if FIRP_QUANT_VNNI
+    if constexpr (NP % 2 == 0)
+      tile_vnni<KD, MR, NP / 2>(pb, w, m0, c);
+    else
+#endif
+      tile<KD, MR, NP>(pb, w, m0, c);
   }
   const int64_t n0 = p * PANEL, ncols = std::min<int64_t>(NP * PANEL, pb.N - n0);
   store_rows(c, NP * PANEL, MR, ncols, pb.out_f, pb.out_h, m0 * pb.N + n0, pb.N);
 }
 
-// Panels per step: independent accumulators for one or two rows, registers for more (16 ymm).
+// Panels per step: independent accumulators for one or two rows, registers for more (16 ymm;
+// with VNNI 32 zmm of two panels each, and always an even count so that pairs fill a zmm).
 template <int MR>
 constexpr int panels_per_step() {
+  if constexpr (FIRP_QUANT_VNNI) return MR == 1 ? 8 : MR == 2 ? 4 : 2;
   return MR == 1 ? 4 : MR == 2 ? 2 : 1;
 }
 
