@@ -38,7 +38,8 @@ def random_blocks(kind: str, n: int, k: int) -> QuantWeight:
     """Random GGUF blocks with fp16 scales of a realistic size (what a kernel reads, not a model)."""
     raw = torch.randint(0, 256, (n, k // BLOCK, BLOCK_BYTES[kind]), dtype=torch.uint8)
     for i in range(2 if kind == "Q4_1" else 1):
-        raw[..., 2 * i : 2 * i + 2] = (torch.rand(n, k // BLOCK) * 0.02).half().unsqueeze(-1).view(torch.uint8)
+        scale = (torch.rand(n, k // BLOCK) * 0.02).half()
+        raw[..., 2 * i : 2 * i + 2] = scale.unsqueeze(-1).view(torch.uint8)
     return QuantWeight(kind, (n, k), raw.reshape(n, -1))
 
 

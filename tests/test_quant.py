@@ -154,11 +154,13 @@ def test_q8_kernel_bits_equal_on_every_path(kind):
     for n, k in [(40, 64), (264, 1536), (1000, 576)]:
         qw = random_weight(kind, n, k, seed=n + 7)
         for m in [1, 2, 3, 4, 5, 16, 33, 64]:
-            x = torch.randn(m, k)
-            outs = {p: run_kernel(x, qw, p) for p in paths}
-            ref = outs[paths[-1]]
-            for p, y in outs.items():
-                assert torch.equal(y.view(torch.int32), ref.view(torch.int32)), (p, paths[-1], n, k, m)
+            for dtype, bits in [(torch.float32, torch.int32), (torch.bfloat16, torch.int16)]:
+                x = torch.randn(m, k).to(dtype)
+                x[0, :32] = 0.0  # an all-zero block: scale 0
+                outs = {p: run_kernel(x, qw, p) for p in paths}
+                ref = outs[paths[-1]]
+                for p, y in outs.items():
+                    assert torch.equal(y.view(bits), ref.view(bits)), (p, paths[-1], n, k, m, dtype)
 
 
 @needs_cpu

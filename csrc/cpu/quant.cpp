@@ -168,12 +168,12 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, const 
   if (M == 0 || N == 0) return out;
   const Act act = Act(h[6]);
   const bool f32 = x.scalar_type() == at::kFloat;
-  QuantX qx;
+  thread_local QuantX qx;  // reused: no allocation per call once the largest M was seen
   std::vector<float> xf;  // act float with bf16 x: the rows as floats
   if (act == ACT_Q8) {
     dispatch_float(x, "linear", [&](auto t) {
       using XT = decltype(t);
-      qx = quantize_x(ptr<XT>(x), x.stride(0), M, K);
+      quantize_x(ptr<XT>(x), x.stride(0), M, K, qx);
     });
   } else if (!f32) {
     dispatch_float(x, "linear", [](auto) {});  // dtype check

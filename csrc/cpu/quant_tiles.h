@@ -58,34 +58,74 @@ struct QuantX {
   std::vector<int32_t> s8;    // [M, nb]  8 * sum(q)  (Q4_0)
 };
 
+// One block of 32 x values -> 32 int8 at q; returns sum(q). The scalar definition (quant.py's
+// quantize_rows): q = clamp(round_half_even(x * inv), -127, 127). The vector forms compute the
+// same: one IEEE multiply, cvtps rounds half to even (the default MXCSR mode) as nearbyint does.
 template <typename XT>
-QuantX quantize_x(const XT* x, int64_t ldx, int64_t M, int64_t K) {
+inline int32_t quantize_block(const XT* x, float inv, int8_t* q) {
+#if defined(__AVX512F__)
+  int32_t sum = 0;
+  for (int h = 0; h < QK; h += 16) {
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(simd::load(x + h), _mm512_set1_ps(inv)));
+    v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + h), _mm512_cvtepi32_epi8(v));
+    sum += _mm512_reduce_add_epi32(v);
+  }
+  return sum;
+#elif defined(__AVX2__) && defined(__FMA__)
+  int32_t sum = 0;
+  for (int h = 0; h < QK; h += 8) {
+    __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(simd::load(x + h), _mm256_set1_ps(inv)));
+    v = _mm256_max_epi32(_mm256_min_epi32(v, _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+    for (int j = 0; j < 8; ++j) {
+      q[h + j] = int8_t(lanes[j]);
+      sum += lanes[j];
+    }
+  }
+  return sum;
+#else
+  int32_t sum = 0;
+  for (int j = 0; j < QK; ++j) {
+    const float v = std::min(127.f, std::max(-127.f, std::nearbyint(to_float(x[j]) * inv)));
+    q[j] = int8_t(v);
+    sum += q[j];
+  }
+  return sum;
+#endif
+}
+
+template <typename XT>
+inline float block_amax(const XT* x) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  simd::vf m = simd::zero();  // max of |x|: exact in any order
+  for (int h = 0; h < QK; h += simd::W) m = simd::max(m, simd::abs(simd::load(x + h)));
+  return simd::hmax(m);
+#else
+  float amax = 0.f;
+  for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(to_float(x[j])));
+  return amax;
+#endif
+}
+
+// Fills r (its buffers reused from call to call: the layer loop quantizes four inputs a layer).
+template <typename XT>
+void quantize_x(const XT* x, int64_t ldx, int64_t M, int64_t K, QuantX& r) {
   const int64_t nb = K / QK;
-  QuantX r{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb),
-           std::vector<int32_t>(M * nb)};
-  float buf[QK];
+  r.q.resize(M * K), r.dx.resize(M * nb), r.sx.resize(M * nb), r.s8.resize(M * nb);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < nb; ++b) {
-      float amax = 0.f;
-      for (int j = 0; j < QK; ++j) {
-        buf[j] = to_float(x[m * ldx + b * QK + j]);
-        amax = std::max(amax, std::fabs(buf[j]));
-      }
+      const XT* xb = x + m * ldx + b * QK;
+      const float amax = block_amax(xb);
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t sum = 0;
-      int8_t* q = r.q.data() + m * K + b * QK;
-      for (int j = 0; j < QK; ++j) {
-        const float v = std::min(127.f, std::max(-127.f, std::nearbyint(buf[j] * inv)));
-        q[j] = int8_t(v);
-        sum += q[j];
-      }
+      const int32_t sum = quantize_block(xb, inv, r.q.data() + m * K + b * QK);
       const float dx = amax / 127.f;
       r.dx[m * nb + b] = dx;
       r.sx[m * nb + b] = dx * float(sum);
       r.s8[m * nb + b] = 8 * sum;
     }
   }
-  return r;
 }
 
 struct Problem {

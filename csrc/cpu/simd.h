@@ -78,6 +78,7 @@ inline vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
 inline vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline vf max(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline vf abs(vf a) { return _mm512_abs_ps(a); }
 inline vf div(vf a, vf b) { return _mm512_div_ps(a, b); }
 // 1/x to ~1 ulp: the estimate plus one Newton step (cheaper than a division).
 inline vf recip(vf x) {
@@ -141,6 +142,7 @@ inline vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
 inline vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 inline vf max(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline vf abs(vf a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), a); }
 inline vf div(vf a, vf b) { return _mm256_div_ps(a, b); }
 inline vf recip(vf x) {
   const vf r = _mm256_rcp_ps(x);
@@ -218,6 +220,7 @@ inline vf add(vf a, vf b) { FIRP_LANES(r.v[i] = a.v[i] + b.v[i]); }
 inline vf sub(vf a, vf b) { FIRP_LANES(r.v[i] = a.v[i] - b.v[i]); }
 inline vf mul(vf a, vf b) { FIRP_LANES(r.v[i] = a.v[i] * b.v[i]); }
 inline vf max(vf a, vf b) { FIRP_LANES(r.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]); }
+inline vf abs(vf a) { FIRP_LANES(r.v[i] = std::fabs(a.v[i])); }
 inline vf div(vf a, vf b) { FIRP_LANES(r.v[i] = a.v[i] / b.v[i]); }
 inline vf recip(vf x) { FIRP_LANES(r.v[i] = 1.f / x.v[i]); }
 inline vf round_bf16(vf v) { FIRP_LANES(r.v[i] = round_to<bf16_t>(v.v[i])); }
