@@ -46,12 +46,28 @@ def cost_at(curve: dict[int, float], rows: int) -> float:
     return c1 + (c1 - c0) * (rows - r1) / (r1 - r0)
 
 
+def _build_id(isa: str | None) -> str:
+    """The kernels' build (a rebuilt extension makes a new curve): size and mtime of the cpu
+    module that runs, '' where there is none."""
+    if not isa:
+        return ""
+    import importlib.util
+
+    name = "firp_engine._C" if isa == "scalar" else f"firp_engine._C_{isa}"
+    try:
+        spec = importlib.util.find_spec(name)
+        st = os.stat(spec.origin) if spec and spec.origin else None
+    except (ImportError, OSError, ValueError):
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}" if st else ""
+
+
 def _cache_file(llm) -> Path:
     cpu = cpu_model()
     be = llm.backend
     # weights: native blocks and dense tensors share a fingerprint (the same values) but not a curve
     key = f"{cpu}|{be.name}|{be.isa}|{be.device}|{llm.fingerprint}|{llm.weights}|{llm.dtype}"
-    key += f"|{torch.get_num_threads()}"
+    key += f"|{torch.get_num_threads()}|{_build_id(be.isa)}"
     return CACHE / f"cost_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
