@@ -53,7 +53,8 @@ def parse_method(spec: str, args) -> tuple[str, dict]:
         opts["head"] = args.head
     for item in filter(None, rest.split(",")):
         key, _, val = item.partition("=")
-        opts[key] = int(val) if val.isdigit() else val
+        flags = {"true": True, "false": False, "none": None}  # "lookup=False" must not be truthy
+        opts[key] = int(val) if val.isdigit() else flags.get(val.lower(), val)
     return name, opts
 
 
