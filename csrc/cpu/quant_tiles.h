@@ -142,6 +142,15 @@ struct Problem {
   bf16_t* out_h;
 };
 
+// Every 64-byte line of the panel block at p (the same block of the next panel group). One
+// prefetch a block left most of a 144-272-byte block to the hardware prefetcher; covering it
+// all lets the weight stream overlap the compute of extra rows (AMD Zen 4, interleaved A/B:
+// one row 3.4 against 4.4 ms a step, sixteen rows 10.4 against 14).
+inline void prefetch_block(const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+  __builtin_prefetch(p + bytes - 1);
+}
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 inline __m256 load_half8(const uint8_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -164,7 +173,7 @@ inline void tile(const Problem& pb, const uint8_t* w, int64_t m0, float* c) {
   for (int64_t b = 0; b < nb; ++b) {
     FIRP_UNROLL for (int p = 0; p < NP; ++p) {
       const uint8_t* blk = w + p * pstride + b * pb.pb_bytes;
-      __builtin_prefetch(blk + NP * pstride);
+      prefetch_block(blk + NP * pstride, pb.pb_bytes);
       const uint8_t* q = blk + KINDS[KD].scale_bytes;
       __m256i isum[MR];
       if constexpr (KD == Q8_0) {
@@ -239,7 +248,7 @@ inline void tile_float(const Problem& pb, const uint8_t* w, int64_t m0, float* c
     const float* xb = x + b * QK;
     FIRP_UNROLL for (int p = 0; p < NP; ++p) {
       const uint8_t* blk = w + p * pstride + b * pb.pb_bytes;
-      __builtin_prefetch(blk + NP * pstride);
+      prefetch_block(blk + NP * pstride, pb.pb_bytes);
       const uint8_t* q = blk + KINDS[KD].scale_bytes;
       const __m256 d = load_half8(blk), m = KD == Q4_1 ? load_half8(blk + 16) : d;
       // k in order 0..31: Q4 takes the low nibbles of chunks 0-3, then the high ones; Q8 chunks 0-7.

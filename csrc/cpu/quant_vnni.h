@@ -50,8 +50,8 @@ inline void tile_vnni(const Problem& pb, const uint8_t* w, int64_t m0, float* c)
     FIRP_UNROLL for (int z = 0; z < NZ; ++z) {
       const uint8_t* blk_a = w + 2 * z * pstride + b * pb.pb_bytes;
       const uint8_t* blk_b = blk_a + pstride;
-      __builtin_prefetch(blk_a + 2 * NZ * pstride);
-      __builtin_prefetch(blk_b + 2 * NZ * pstride);
+      prefetch_block(blk_a + 2 * NZ * pstride, pb.pb_bytes);
+      prefetch_block(blk_b + 2 * NZ * pstride, pb.pb_bytes);
       const uint8_t* qa = blk_a + KINDS[KD].scale_bytes;
       const uint8_t* qb = blk_b + KINDS[KD].scale_bytes;
       __m512i s0[MR], s1[MR];
