@@ -72,7 +72,9 @@ def test_hybrid_measures_lookup_acceptance(llm):
                 st.tokens += dec.run_step(st)
         st.seq.free()
         assert_same_or_near_tie(llm.model, p, st.tokens[len(p) : len(p) + 64], a.new_ids)
-        hits, tries = drafter.lookup_stats(st)[0]
+        per_ngram = st.extra["lookup_stats"]  # {matched n-gram length: per depth [hits, tries]}
+        assert set(per_ngram) <= set(range(drafter.max_ngram + 1))
+        hits, tries = drafter.lookup_stats(st, drafter.max_ngram)[0]  # repeats match 3-grams
         prior_hits, prior_tries = LOOKUP_PRIOR
         assert tries > prior_tries + 5  # chains were drafted on most steps
         assert hits / tries > prior_hits / prior_tries

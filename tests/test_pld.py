@@ -5,7 +5,7 @@ import pytest
 import torch
 from spec_helpers import BACKENDS, assert_same_or_near_tie, make_llm, tiny_checkpoint
 
-from firp_engine.baselines.pld import lookup
+from firp_engine.baselines.pld import lookup, lookup_match
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -38,3 +38,10 @@ def test_lookup_takes_the_longest_latest_match():
     toks = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
     assert lookup(toks, max_ngram=3, min_ngram=1, n_draft=2) == [7, 8]  # "2 3" matched, latest first
     assert lookup([4, 5, 6], max_ngram=3, min_ngram=1, n_draft=2) == []
+
+
+def test_lookup_match_reports_the_ngram_length():
+    toks = [1, 2, 3, 7, 8, 9, 2, 3]
+    assert lookup_match(toks, max_ngram=3, min_ngram=1, n_draft=2) == ([7, 8], 2)  # "2 3"
+    assert lookup_match([5, 9, 5], max_ngram=3, min_ngram=1, n_draft=3) == ([9, 5], 1)
+    assert lookup_match([4, 5, 6], max_ngram=3, min_ngram=1, n_draft=2) == ([], 0)

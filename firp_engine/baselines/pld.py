@@ -9,14 +9,20 @@ from firp_engine.spec.step import Draft, StepOutput
 from firp_engine.spec.tree import DraftTree
 
 
-def lookup(tokens: list[int], max_ngram: int, min_ngram: int, n_draft: int) -> list[int]:
-    """The tokens that followed the most recent earlier occurrence of the longest suffix n-gram."""
+def lookup_match(tokens: list[int], max_ngram: int, min_ngram: int, n_draft: int) -> tuple[list[int], int]:
+    """(drafts, n): the tokens that followed the most recent earlier occurrence of the longest
+    suffix n-gram, and that n (0 when nothing matched)."""
     for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
         tail = tokens[-n:]
         for start in range(len(tokens) - n - 1, -1, -1):  # latest match first
             if tokens[start : start + n] == tail:
-                return tokens[start + n : start + n + n_draft]
-    return []
+                return tokens[start + n : start + n + n_draft], n
+    return [], 0
+
+
+def lookup(tokens: list[int], max_ngram: int, min_ngram: int, n_draft: int) -> list[int]:
+    """The tokens that followed the most recent earlier occurrence of the longest suffix n-gram."""
+    return lookup_match(tokens, max_ngram, min_ngram, n_draft)[0]
 
 
 class PLDDrafter:

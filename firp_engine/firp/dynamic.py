@@ -10,9 +10,11 @@ pseudo rows), so any node at depth t offers the same children: offset t+1's cand
 With `lookup` on, the n-gram continuation of the latest match of the text's suffix (prompt
 lookup, baselines/pld.py) joins the same tree: the node on the lookup chain at depth t also
 offers the chain's next token, with the measured acceptance rate of lookup drafts at that
-depth as its probability. A token both sources propose is one node (the larger
-probability), so the node budget goes to whichever source is likelier, step by step, and
-one forward verifies both.
+depth as its probability. Rates are kept per length of the matched n-gram: a 3-gram match is
+usually a copy run that holds for many tokens, a 1-gram match often a coincidence, and one
+average rate would undervalue the first and overvalue the second. A token both sources
+propose is one node (the larger probability), so the node budget goes to whichever source is
+likelier, step by step, and one forward verifies both.
 
 The planner (firp/budget.py) sizes the tree from an average acceptance table. A step's own
 tree knows better: when its nodes are likely (a lookup chain on repetitive text, a
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from firp_engine.baselines.pld import lookup
+from firp_engine.baselines.pld import lookup_match
 from firp_engine.errors import FirpError
 from firp_engine.firp.budget import cost_at, cost_curve
 from firp_engine.firp.drafter import FirpDrafter
@@ -116,16 +118,19 @@ class DynamicFirpDrafter(FirpDrafter):
                 probs = (top.values - torch.logsumexp(rl, -1, keepdim=True)).exp()
                 pairs = zip(top.indices.tolist(), probs.tolist(), strict=True)
                 firp = [list(zip(i, p, strict=True)) for i, p in pairs]
-        chain = self.lookup_chain(st) if self.use_lookup else []
+        chain, ngram = self.lookup_chain(st) if self.use_lookup else ([], 0)
+        st.extra["lookup_ngram"] = ngram
         return self.grow_draft(st, firp, chain)
 
-    def lookup_chain(self, st: State) -> list[int]:
+    def lookup_chain(self, st: State) -> tuple[list[int], int]:
+        """The lookup chain and the length of the n-gram it matched (0: none)."""
         room = max(0, min(self.n_lookup, self.max_context - len(st.tokens) - 1))
-        return lookup(st.tokens, self.max_ngram, 1, room)
+        return lookup_match(st.tokens, self.max_ngram, 1, room)
 
     def grow_draft(self, st: State, firp: list[list[tuple[int, float]]], chain: list[int]) -> Draft:
-        """Grow this step's tree from FIRP's per-offset (token, p) lists and a lookup chain."""
-        rates = [a / n for a, n in self.lookup_stats(st)]
+        """Grow this step's tree from FIRP's per-offset (token, p) lists and a lookup chain
+        (whose matched n-gram length is st.extra["lookup_ngram"])."""
+        rates = [a / n for a, n in self.lookup_stats(st, st.extra.get("lookup_ngram", 0))]
 
         def kids(path: list[int]) -> list[tuple[int, float]]:
             t = len(path)
@@ -160,17 +165,20 @@ class DynamicFirpDrafter(FirpDrafter):
             out.append(node)
         return out
 
-    def lookup_stats(self, st: State) -> list[list[float]]:
-        """The request's lookup drafts at depth t+1: [accepted, drafted], from the prior on.
-        Per request: texts differ in how much they repeat, and a request's drafts must not
-        depend on the other requests of its batch (seeded sampling gives the same tokens)."""
-        return st.extra.setdefault("lookup_stats", [list(LOOKUP_PRIOR) for _ in range(self.n_lookup)])
+    def lookup_stats(self, st: State, ngram: int) -> list[list[float]]:
+        """The request's lookup drafts at depth t+1 from matches of `ngram` tokens: [accepted,
+        drafted], from the prior on. Per request: texts differ in how much they repeat, and a
+        request's drafts must not depend on the other requests of its batch (seeded sampling
+        gives the same tokens)."""
+        per_ngram = st.extra.setdefault("lookup_stats", {})
+        return per_ngram.setdefault(ngram, [list(LOOKUP_PRIOR) for _ in range(self.n_lookup)])
 
     def count_lookup(self, st: State, last: StepOutput) -> None:
         """Update the lookup acceptance rates with the last step's verdict on its chain."""
         accepted = set(last.path)
+        stats = self.lookup_stats(st, st.extra.get("lookup_ngram", 0))  # the last chain's match
         for t, node in enumerate(st.extra.get("lookup_nodes", [])):
-            self.lookup_stats(st)[t][1] += 1
+            stats[t][1] += 1
             if node not in accepted:
                 break  # deeper chain nodes were not even tried
-            self.lookup_stats(st)[t][0] += 1
+            stats[t][0] += 1
