@@ -44,8 +44,10 @@ from firp_engine.scheduler import State
 from firp_engine.spec.step import Draft, StepOutput
 from firp_engine.spec.tree import DraftTree, grow
 
-# Prior acceptance rate of a lookup draft at each depth, as pseudo-counts (hits, tries):
-# measured rates replace it as steps accumulate.
+# Prior acceptance rate of a lookup draft at depth 1, as pseudo-counts (hits, tries): measured
+# rates replace it as steps accumulate. Deeper depths take the rate measured one depth up as
+# their prior (same weight): a depth the tree never included would otherwise keep the prior
+# forever and never be tried, which cut every lookup chain short.
 LOOKUP_PRIOR = (1.0, 3.0)
 
 
@@ -130,7 +132,7 @@ class DynamicFirpDrafter(FirpDrafter):
     def grow_draft(self, st: State, firp: list[list[tuple[int, float]]], chain: list[int]) -> Draft:
         """Grow this step's tree from FIRP's per-offset (token, p) lists and a lookup chain
         (whose matched n-gram length is st.extra["lookup_ngram"])."""
-        rates = [a / n for a, n in self.lookup_stats(st, st.extra.get("lookup_ngram", 0))]
+        rates = self.lookup_rates(st, st.extra.get("lookup_ngram", 0))
 
         def kids(path: list[int]) -> list[tuple[int, float]]:
             t = len(path)
@@ -167,11 +169,22 @@ class DynamicFirpDrafter(FirpDrafter):
 
     def lookup_stats(self, st: State, ngram: int) -> list[list[float]]:
         """The request's lookup drafts at depth t+1 from matches of `ngram` tokens: [accepted,
-        drafted], from the prior on. Per request: texts differ in how much they repeat, and a
-        request's drafts must not depend on the other requests of its batch (seeded sampling
-        gives the same tokens)."""
+        drafted], counted from zero (the prior is lookup_rates'). Per request: texts differ in
+        how much they repeat, and a request's drafts must not depend on the other requests of
+        its batch (seeded sampling gives the same tokens)."""
         per_ngram = st.extra.setdefault("lookup_stats", {})
-        return per_ngram.setdefault(ngram, [list(LOOKUP_PRIOR) for _ in range(self.n_lookup)])
+        return per_ngram.setdefault(ngram, [[0.0, 0.0] for _ in range(self.n_lookup)])
+
+    def lookup_rates(self, st: State, ngram: int) -> list[float]:
+        """Acceptance rate of a lookup draft at each depth given the one above was accepted:
+        measured counts over a prior of LOOKUP_PRIOR's weight, whose rate is LOOKUP_PRIOR's at
+        depth 1 and the rate just computed one depth up below it."""
+        prior_hits, weight = LOOKUP_PRIOR
+        prior, out = prior_hits / weight, []
+        for hits, tries in self.lookup_stats(st, ngram):
+            prior = (hits + weight * prior) / (tries + weight)
+            out.append(prior)
+        return out
 
     def count_lookup(self, st: State, last: StepOutput) -> None:
         """Update the lookup acceptance rates with the last step's verdict on its chain."""
