@@ -64,6 +64,9 @@ def test_hybrid_measures_lookup_acceptance(llm):
     ar = llm.generate([""] * 2, prompt_ids=ps, max_new_tokens=64)
     drafter = DynamicFirpDrafter(llm, head=head, tree_budget=10)
     dec = SpecDecoder(llm, drafter)
+    drafts = []  # every proposal, to see which steps spawned pseudo rows
+    propose = drafter.propose
+    drafter.propose = lambda st, last: drafts.append(propose(st, last)) or drafts[-1]
     for p, a in zip(ps, ar, strict=True):
         st = State(llm.cache.new_sequence(), list(p), len(p))
         with torch.inference_mode():
@@ -83,6 +86,25 @@ def test_hybrid_measures_lookup_acceptance(llm):
         # depths below inherit the rate above as their prior: none is stuck at the prior
         assert min(rates) > prior_hits / prior_tries
         print(f"\nlookup depth-1 acceptance {hits / tries:.2f} (prior {prior_hits / prior_tries:.2f})")
+    # hot copy runs skip the pseudo rows (skip_pseudo); other steps keep them
+    assert any(d.layout is None for d in drafts) and any(d.layout is not None for d in drafts)
+
+
+def test_skip_pseudo_off_always_spawns(llm):
+    head = random_head(llm, layer=2, k=3, seed=1)
+    p = [5, 6, 7, 8, 9, 10, 11] * 4
+    drafter = DynamicFirpDrafter(llm, head=head, tree_budget=10, skip_pseudo=0)
+    dec = SpecDecoder(llm, drafter)
+    drafts = []
+    propose = drafter.propose
+    drafter.propose = lambda st, last: drafts.append(propose(st, last)) or drafts[-1]
+    st = State(llm.cache.new_sequence(), list(p), len(p))
+    with torch.inference_mode():
+        st.tokens += dec.prefill(st)
+        while len(st.tokens) < len(p) + 32:
+            st.tokens += dec.run_step(st)
+    st.seq.free()
+    assert drafts and all(d.layout is not None for d in drafts)
 
 
 def test_grow_merges_sources_best_first():

@@ -24,6 +24,12 @@ step cost: best-first growth adds nodes in decreasing path probability, so its f
 are the best n-node tree, and the step cost of n nodes (plus their pseudo rows) comes from
 this machine's cost curve. The planned budget is the floor; user-given budgets never grow.
 
+When the lookup chain in a step's tree is expected to yield at least `skip_pseudo` tokens
+(the sum of its nodes' path probabilities; default 2), the step spawns no pseudo rows: a copy
+run that hot drafts the next step from its own continuation, and the rows (through layers
+[l, L) and the LM head) would cost more than they add. The step after has lookup drafts only,
+or, without a chain, spawns pseudo rows again.
+
 Trees of the same shape and spawning set reuse one precomputed layout (masks, positions):
 a step builds its tree in Python over a few dozen candidates and looks its layout up.
 """
@@ -69,6 +75,7 @@ class DynamicFirpDrafter(FirpDrafter):
         max_ngram: int = 3,
         n_lookup: int = 6,
         extend: int | None = None,
+        skip_pseudo: float = 2.0,
     ) -> None:
         super().__init__(llm, head, tree_budget, pseudo_policy)
         if tree not in TREES:
@@ -78,6 +85,7 @@ class DynamicFirpDrafter(FirpDrafter):
         self.dynamic, self.use_lookup = tree == "dynamic", bool(lookup)
         self.budget = self.full.tree.n  # the static tree's node count: the same budget
         self.max_ngram, self.n_lookup = max_ngram, n_lookup
+        self.skip_pseudo = float(skip_pseudo)
         self.max_context = llm.max_context
         planned = tree_budget is None and pseudo_policy is None
         if extend is None:  # default: room for a whole lookup chain past the planned tree
@@ -114,7 +122,7 @@ class DynamicFirpDrafter(FirpDrafter):
         if last is not None:
             if self.use_lookup:
                 self.count_lookup(st, last)
-            rl = self.pseudo_logits(last)
+            rl = self.pseudo_logits(last) if last.draft.layout is not None else torch.empty(0)
             if rl.shape[0]:
                 top = torch.topk(rl, self.width, dim=-1)  # then p = exp(logit - logsumexp)
                 probs = (top.values - torch.logsumexp(rl, -1, keepdim=True)).exp()
@@ -146,6 +154,11 @@ class DynamicFirpDrafter(FirpDrafter):
         n = self.best_size([nd.value for nd in nodes])
         nodes, labels = nodes[:n], labels[:n]  # best-first: a prefix is a tree
         tree = DraftTree(nodes)
+        if self.skip_pseudo > 0 and chain:
+            on_chain = self.chain_nodes(tree, labels, chain)
+            if sum(nodes[j].value for j in on_chain) >= self.skip_pseudo:
+                st.extra["lookup_nodes"] = on_chain
+                return Draft(tree, [st.tokens[-1], *labels[1:]])
         spawn = spawning(tree, self.policy, self.top)
         key = (tuple((nd.parent, nd.rank) for nd in nodes), tuple(spawn))
         lay = self.layouts.get(key)
