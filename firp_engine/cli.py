@@ -70,6 +70,12 @@ def _method_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="FIRP: which nodes spawn pseudo rows: all, top, top:M (default: from the step cost curve)",
     )
+    p.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=None,
+        help="FIRP: tokens the pseudo rows decode over, most frequent first; 0 = all (default: 16384)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +165,7 @@ def _method_opts(args) -> dict:
         "pseudo_policy": args.pseudo_policy,
         "tree": args.draft_tree,
         "lookup": args.lookup,
+        "draft_vocab": args.draft_vocab,
     }
     return {k: v for k, v in opts.items() if v is not None}
 
@@ -301,6 +308,7 @@ def _draft_tree_info(llm, recalibrate: bool = False) -> dict:
     """This machine's step cost curve and the FIRP tree it picks (firp/budget.py)."""
     from firp_engine.firp.budget import cost_curve, plan
     from firp_engine.firp.head import FirpHead, resolve_head
+    from firp_engine.firp.vocab import draft_rows
     from firp_engine.spec.tree import default_acc
 
     try:
@@ -309,11 +317,14 @@ def _draft_tree_info(llm, recalibrate: bool = False) -> dict:
         return {"note": str(e)}
     curve = cost_curve(llm, recalibrate)
     acc = [list(r) for r in head.meta.get("acc") or default_acc(head.k)][: head.k]
-    budget, policy, speedup = plan(acc, head.k, curve)
+    share = (llm.config.n_layers - head.layer) / llm.config.n_layers
+    rows = draft_rows(head.vocab_order, None, llm.config.vocab_size)
+    budget, policy, speedup = plan(acc, head.k, curve, share)
     return {
         "cost_ms_by_rows": {r: round(ms, 2) for r, ms in curve.items()},
         "firp_tree_budget": budget,
         "firp_pseudo_policy": policy,
+        "firp_draft_vocab": "all" if rows is None else rows.numel(),  # firp/vocab.py
         "expected_speedup": round(speedup, 2),
     }
 

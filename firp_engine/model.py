@@ -309,6 +309,16 @@ class Transformer:
         """The model's last RMSNorm: h [T, d] -> [T, d] (what the LM head reads)."""
         return self.backend.call("rms_norm", h, self.norm, self.cfg.rms_eps)
 
+    def head_rows(self, index: torch.Tensor) -> Linear | None:
+        """An LM head over the vocabulary rows `index` (int64 [N]) only: the same weight rows,
+        so each logit equals the full head's (a draft vocabulary, firp/vocab.py). None when the
+        head's weight is not kept (an untied head that the backend holds packed only)."""
+        src = self.embed if self.cfg.tie_embeddings else self.lm_head._weight
+        if src is None:
+            return None
+        rows = src.rows(index) if isinstance(src, QuantWeight) else src[index.to(src.device)]
+        return Linear(rows, self.backend)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: h [T, d] -> fp32 logits [T, V]."""
         return self.lm_head(self.final_norm(h)).float()

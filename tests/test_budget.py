@@ -31,6 +31,19 @@ def test_plan_follows_the_curve():
     assert b_steep <= 2 and pol_steep == "top:1" and s_steep < 1.0  # costly rows: (almost) none
 
 
+def test_step_cost_charges_pseudo_rows_their_share_of_the_layers():
+    assert budget.step_cost(STEEP, 4, 6) == 10.0  # share 1: every row a full row
+    assert budget.step_cost(STEEP, 4, 6, share=1 / 3) == pytest.approx(6.0)
+    assert budget.step_cost(STEEP, 4, 6, share=0.0) == 4.0
+    # pseudo rows that cost little make spawning nodes worth it: the plan spawns more
+    acc = default_acc(3)
+    half = {r: 1.0 + 0.5 * (r - 1) for r in ROWS}
+    (_, pol_full, s_full), (_, pol_cheap, s_cheap) = budget.plan(acc, 3, half), budget.plan(acc, 3, half, 0.1)
+    assert s_cheap > s_full and int(pol_cheap.partition(":")[2] or 99) >= int(
+        pol_full.partition(":")[2] or 99
+    )
+
+
 def test_steady_rate_counts_fallback_trees():
     """Only the root spawning means deeper accepted nodes lead to shorter fallback chains,
     so fewer tokens per step than every node spawning (same budget), for fewer rows."""
@@ -57,7 +70,7 @@ def test_curve_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert json.loads(cached.read_text())["ms"]
     # the drafter's defaults come from the plan; the user's flags override it
     head = random_head(llm, layer=1, k=3, seed=1)
-    want, policy, _ = budget.plan(default_acc(3), 3, curve)
+    want, policy, _ = budget.plan(default_acc(3), 3, curve, share=1 / 2)  # pseudo rows: layer 1 of 2
     assert FirpDrafter(llm, head=head).full.tree.n == want
     assert FirpDrafter(llm, head=head, tree_budget=7, pseudo_policy="all").full.tree.n == 7
 

@@ -46,6 +46,15 @@ def cost_at(curve: dict[int, float], rows: int) -> float:
     return c1 + (c1 - c0) * (rows - r1) / (r1 - r0)
 
 
+def step_cost(curve: dict[int, float], n_tree: int, n_pseudo: int, share: float = 1.0) -> float:
+    """A step's cost relative to a one-row forward: n_tree rows run every layer, n_pseudo
+    pseudo rows only `share` of them (layers [l, L) of L: share = (L - l) / L). The curve
+    times full rows, so the pseudo rows are charged that share of their marginal cost (their
+    LM-head rows are small too with a draft vocabulary, firp/vocab.py)."""
+    base = cost_at(curve, n_tree)
+    return (base + (cost_at(curve, n_tree + n_pseudo) - base) * share) / curve[1]
+
+
 def _build_id(isa: str | None) -> str:
     """The kernels' build (a rebuilt extension makes a new curve): size and mtime of the cpu
     module that runs, '' where there is none."""
@@ -164,10 +173,11 @@ def cost_curve(llm, recalibrate: bool = False) -> dict[int, float]:
 
 
 def steady_rate(
-    acc: list[list[float]], k: int, budget: int, policy: tuple[str, int], curve
+    acc: list[list[float]], k: int, budget: int, policy: tuple[str, int], curve, share: float = 1.0
 ) -> tuple[float, float]:
     """(expected tokens per step, expected step cost relative to one row) for a static tree
-    of `budget` nodes under `policy`, in the steady state of which tree each step uses."""
+    of `budget` nodes under `policy`, in the steady state of which tree each step uses;
+    share: the pseudo rows' share of the layers (step_cost)."""
     name, top = policy
     full = DraftTree.build(acc, budget)
     trees = {0: full} | {d: DraftTree.chain(min(max(0, k - d), len(acc))) for d in range(1, k + 1)}
@@ -180,7 +190,7 @@ def steady_rate(
         values = [_chain_value(acc, nd.depth, d) if d else nd.value for nd in t.nodes]
         ends = [values[j] - sum(values[c] for c in t.children[j]) for j in range(t.n)]
         tokens[d] = 1.0 + sum(values[1:])
-        cost[d] = cost_at(curve, lay.n_rows) / curve[1]
+        cost[d] = step_cost(curve, t.n, lay.n_rows - t.n, share)
         nxt: dict[int, float] = {}
         for j, p in enumerate(ends):
             delta = lay.source[j][1]
@@ -205,24 +215,26 @@ def _chain_value(acc: list[list[float]], depth: int, delta: int) -> float:
     return v
 
 
-def plan(acc: list[list[float]], k: int, curve: dict[int, float]) -> tuple[int, str, float]:
-    """(budget, policy, expected speedup over one-row steps) maximising tokens per cost.
-    Remembered per (table, k, curve): every `generate` call makes a decoder, and the search
-    builds ~50 layouts (0.15 s)."""
-    key = (tuple(map(tuple, acc)), k, tuple(sorted(curve.items())))
+def plan(
+    acc: list[list[float]], k: int, curve: dict[int, float], share: float = 1.0
+) -> tuple[int, str, float]:
+    """(budget, policy, expected speedup over one-row steps) maximising tokens per cost;
+    share: the pseudo rows' share of the layers (step_cost). Remembered per (table, k, curve,
+    share): every `generate` call makes a decoder, and the search builds ~50 layouts (0.15 s)."""
+    key = (tuple(map(tuple, acc)), k, tuple(sorted(curve.items())), share)
     if key not in _PLANS:
-        _PLANS[key] = _search(acc, k, curve)
+        _PLANS[key] = _search(acc, k, curve, share)
     return _PLANS[key]
 
 
 _PLANS: dict[tuple, tuple[int, str, float]] = {}
 
 
-def _search(acc: list[list[float]], k: int, curve: dict[int, float]) -> tuple[int, str, float]:
+def _search(acc: list[list[float]], k: int, curve: dict[int, float], share: float) -> tuple[int, str, float]:
     best = (1, "top:1", 0.0)
     for b in BUDGETS:
         for name, top in POLICIES:
-            tau, cost = steady_rate(acc, k, b, (name, top), curve)
+            tau, cost = steady_rate(acc, k, b, (name, top), curve, share)
             if tau / cost > best[2] + 1e-9:
                 best = (b, "all" if name == "all" else f"top:{top}", tau / cost)
     return best

@@ -9,14 +9,16 @@ forward of its own: a few extra rows in the verification forward.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
-from firp_engine.errors import FirpError
+from firp_engine.errors import FirpError, FirpWarning
 from firp_engine.firp.budget import cost_curve, plan
 from firp_engine.firp.head import FirpHead, resolve_head
 from firp_engine.firp.pseudo import PseudoLayout, parse_policy, spawning
+from firp_engine.firp.vocab import draft_rows
 from firp_engine.scheduler import State
 from firp_engine.spec.step import Draft, StepOutput
 from firp_engine.spec.tree import DraftTree, default_acc, default_tree
@@ -30,6 +32,7 @@ class FirpDrafter:
         tree_budget: int | None = None,
         pseudo_policy: str | None = None,
         acc: list[list[float]] | None = None,
+        draft_vocab: int | None = None,
     ) -> None:
         self.model = llm.model
         cfg = self.model.cfg
@@ -47,11 +50,19 @@ class FirpDrafter:
             self.emb_weight = h.emb_weight.detach().to(self.model.dtype, copy=True).to(self.model.device)
         self.layer, self.k = h.layer, h.k
         acc = [list(r) for r in (acc or h.meta.get("acc") or default_acc(self.k))][: self.k]
+        self.share = (cfg.n_layers - self.layer) / cfg.n_layers  # the pseudo rows' layers
         if tree_budget is None and pseudo_policy is None:  # the machine decides (firp/budget.py)
-            tree_budget, pseudo_policy, _ = plan(acc, self.k, cost_curve(llm))
+            tree_budget, pseudo_policy, _ = plan(acc, self.k, cost_curve(llm), self.share)
         budget, default_policy = default_tree(self.model.device)
         policy, top = parse_policy(pseudo_policy or default_policy)
-        self.width = min(max(len(r) for r in acc), cfg.vocab_size)  # candidates kept per offset
+        # The pseudo rows decode over a draft vocabulary (firp/vocab.py), or over all tokens.
+        self.vocab = draft_rows(h.vocab_order, draft_vocab, cfg.vocab_size)
+        self.draft_head = None if self.vocab is None else self.model.head_rows(self.vocab)
+        if self.vocab is not None and self.draft_head is None:
+            warnings.warn("the LM head's weight is not kept: draft vocabulary off", FirpWarning, stacklevel=2)
+            self.vocab = None
+        n_vocab = cfg.vocab_size if self.vocab is None else self.vocab.numel()
+        self.width = min(max(len(r) for r in acc), n_vocab)  # candidates kept per offset
 
         self.policy, self.top = policy, top
         if len(acc) > self.k:
@@ -83,19 +94,29 @@ class FirpDrafter:
         return self.draft(st, lay, cands)
 
     def draft(self, st: State, lay: PseudoLayout, cands: torch.Tensor) -> Draft:
-        """Node tokens from cands int64 [depth, R] (row d-1: depth d); one LM-head pass over
-        all rows when a single pseudo group exists (cheaper than decoding it separately)."""
+        """Node tokens from cands int64 [depth, R] (row d-1: depth d)."""
         tokens = lay.tree.node_tokens(st.tokens[-1], cands).tolist()
+        return Draft(lay.tree, tokens, lay, self.logit_rows(lay))
+
+    def logit_rows(self, lay: PseudoLayout) -> int:
+        """Rows of the step's full LM-head pass: the tree's, plus the pseudo rows when a single
+        group exists and there is no draft vocabulary (cheaper than decoding it separately)."""
         one_group = lay.n_rows - lay.tree.n <= self.k
-        return Draft(lay.tree, tokens, lay, lay.n_rows if one_group else 0)
+        return lay.n_rows if one_group and self.draft_head is None else 0
+
+    def token_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        """Indices into pseudo_logits' columns -> token ids."""
+        return idx if self.vocab is None else self.vocab[idx]
 
     def pseudo_logits(self, last: StepOutput) -> torch.Tensor:
-        """fp32 logits [k - delta, V] of the pseudo rows that draft the next tree: those of the
-        last accepted node or, if it spawned none, of its deepest spawning ancestor, delta
-        levels up (their first delta offsets are spent)."""
+        """fp32 logits [k - delta, V or the draft vocabulary's N] of the pseudo rows that draft
+        the next tree: those of the last accepted node or, if it spawned none, of its deepest
+        spawning ancestor, delta levels up (their first delta offsets are spent)."""
         lay: PseudoLayout = last.draft.layout
         group, delta = lay.source[last.path[-1]]
         rows = lay.pseudo_rows(group)[delta:]
+        if self.draft_head is not None:
+            return self.draft_head(self.model.final_norm(last.h[rows.start : rows.stop])).float()
         if rows.stop <= last.logits.shape[0]:
             return last.logits[rows.start : rows.stop]
         # only these k - delta pseudo rows go through the LM head (V x d each), not all
@@ -105,4 +126,4 @@ class FirpDrafter:
         """The next layout and its candidates int64 [k - delta, width]."""
         rl = self.pseudo_logits(last)
         nxt = self.full if rl.shape[0] == self.k else self.fallback[self.k - rl.shape[0]]
-        return nxt, torch.topk(rl, self.width, dim=-1).indices.cpu()
+        return nxt, self.token_ids(torch.topk(rl, self.width, dim=-1).indices).cpu()

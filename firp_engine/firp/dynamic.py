@@ -42,7 +42,7 @@ import torch
 
 from firp_engine.baselines.pld import lookup_match
 from firp_engine.errors import FirpError
-from firp_engine.firp.budget import cost_at, cost_curve
+from firp_engine.firp.budget import cost_curve, step_cost
 from firp_engine.firp.drafter import FirpDrafter
 from firp_engine.firp.head import FirpHead
 from firp_engine.firp.pseudo import PseudoLayout, spawning
@@ -76,8 +76,9 @@ class DynamicFirpDrafter(FirpDrafter):
         n_lookup: int = 6,
         extend: int | None = None,
         skip_pseudo: float = 2.0,
+        draft_vocab: int | None = None,
     ) -> None:
-        super().__init__(llm, head, tree_budget, pseudo_policy)
+        super().__init__(llm, head, tree_budget, pseudo_policy, draft_vocab=draft_vocab)
         if tree not in TREES:
             raise FirpError(f"unknown tree '{tree}' (choose from {', '.join(TREES)})")
         if lookup and tree == "static":
@@ -94,7 +95,7 @@ class DynamicFirpDrafter(FirpDrafter):
         curve = cost_curve(llm) if self.max_nodes > self.budget else {1: 1.0, 2: 1.0}
         # step cost (x a one-row forward) of an n-node tree with its pseudo rows, n = 1..max_nodes
         self.cost = [0.0] + [
-            cost_at(curve, n + self.spawns(n) * self.k) / curve[1] for n in range(1, self.max_nodes + 1)
+            step_cost(curve, n, self.spawns(n) * self.k, self.share) for n in range(1, self.max_nodes + 1)
         ]
         self.max_rows = max(self.max_rows, self.max_nodes + self.spawns(self.max_nodes) * self.k)
         self.layouts: dict[tuple, PseudoLayout] = {}
@@ -126,7 +127,7 @@ class DynamicFirpDrafter(FirpDrafter):
             if rl.shape[0]:
                 top = torch.topk(rl, self.width, dim=-1)  # then p = exp(logit - logsumexp)
                 probs = (top.values - torch.logsumexp(rl, -1, keepdim=True)).exp()
-                pairs = zip(top.indices.tolist(), probs.tolist(), strict=True)
+                pairs = zip(self.token_ids(top.indices).tolist(), probs.tolist(), strict=True)
                 firp = [list(zip(i, p, strict=True)) for i, p in pairs]
         chain, ngram = self.lookup_chain(st) if self.use_lookup else ([], 0)
         st.extra["lookup_ngram"] = ngram
@@ -165,9 +166,7 @@ class DynamicFirpDrafter(FirpDrafter):
         if lay is None:
             lay = self.layouts[key] = PseudoLayout(tree, self.layer, self.k, spawn)
         st.extra["lookup_nodes"] = self.chain_nodes(lay.tree, labels, chain)
-        tokens = [st.tokens[-1], *labels[1:]]
-        one_group = lay.n_rows - lay.tree.n <= self.k
-        return Draft(lay.tree, tokens, lay, lay.n_rows if one_group else 0)
+        return Draft(lay.tree, [st.tokens[-1], *labels[1:]], lay, self.logit_rows(lay))
 
     @staticmethod
     def chain_nodes(tree: DraftTree, labels: list[int], chain: list[int]) -> list[int]:

@@ -1,7 +1,9 @@
 """The FIRP head: k linear maps from the layer-l residual stream to k pseudo hidden states.
 
-Saved as `<name>.safetensors` (weight [k, d, d], bias [k, d]) plus `<name>.json` (layer,
-k, dtype, base-model fingerprint, training command, validation figures).
+Saved as `<name>.safetensors` (weight [k, d, d], bias [k, d], optionally vocab_order [V]:
+token ids by frequency in the training replies, for the draft vocabulary of firp/vocab.py)
+plus `<name>.json` (layer, k, dtype, base-model fingerprint, training command, validation
+figures).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class FirpHead(torch.nn.Module):
         # Zero: the variant starts as the plain head.
         self.emb_weight = torch.nn.Parameter(torch.zeros(k, d, d)) if root_embedding else None
         self.meta = dict(meta or {})
+        self.vocab_order: torch.Tensor | None = None  # int64 [V], most frequent first (vocab.py)
 
     def forward(self, h: torch.Tensor, e: torch.Tensor | None = None) -> torch.Tensor:
         """h [n, d] (and e [n, d], the nodes' token embeddings, for the root-embedding
@@ -62,6 +65,8 @@ class FirpHead(torch.nn.Module):
         tensors = {"weight": self.weight.detach().float().contiguous(), "bias": self.bias.detach().float()}
         if self.emb_weight is not None:
             tensors["emb_weight"] = self.emb_weight.detach().float().contiguous()
+        if self.vocab_order is not None:
+            tensors["vocab_order"] = self.vocab_order.to(torch.int32).contiguous()
         save_file(tensors, str(path) + ".safetensors")
         Path(str(path) + ".json").write_text(json.dumps(self.meta, indent=2) + "\n")
 
@@ -74,6 +79,8 @@ class FirpHead(torch.nn.Module):
             head.bias.copy_(tensors["bias"])
             if head.emb_weight is not None:
                 head.emb_weight.copy_(tensors["emb_weight"])
+        if "vocab_order" in tensors:
+            head.vocab_order = tensors["vocab_order"].to(torch.int64)
         return head
 
 

@@ -21,6 +21,7 @@ from firp_engine.firp import data
 from firp_engine.firp.context import ContextStore, Example
 from firp_engine.firp.objective import FIRP
 from firp_engine.firp.train import TrainConfig, check_config, epoch_order, progress_bar, train, validate
+from firp_engine.firp.vocab import token_order
 from firp_engine.generate import LLM
 
 OBJECTIVES = {o.kind: o for o in (FIRP, MEDUSA)}
@@ -206,6 +207,9 @@ def run(args: argparse.Namespace) -> dict:
         "validation": {k: v for k, v in val.items() if k != "acc"},
         "acc": val.get("acc"),
     }
+    if objective.kind == "firp":  # the draft vocabulary's order (firp/vocab.py), from these replies
+        head.vocab_order = token_order((r for _, r in train_set), model.cfg.vocab_size)
+        meta["vocab_order"] = {"counted_on": "the training replies"}
     head.save(out, meta)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "history.json").write_text(json.dumps(state.history) + "\n")
