@@ -88,10 +88,16 @@ def main() -> None:
         floor_ms = llm.model.step_bytes() / (bw * 1e9) * 1e3  # the packed weights a step streams
         step = measure(llm, reps=7)
         gemms = gemm_ms(llm.backend, llm.model.dtype, native)
-        results["paths"][path] = {"step_ms": step, "gemm_ms": gemms, "floor_ms": floor_ms,
-                                  "weights": llm.weights}
-        print(f"## path {path}, {llm.weights} weights: one-row weight floor {floor_ms:.2f} ms"
-              " (packed weights / copy bandwidth)\n")
+        results["paths"][path] = {
+            "step_ms": step,
+            "gemm_ms": gemms,
+            "floor_ms": floor_ms,
+            "weights": llm.weights,
+        }
+        print(
+            f"## path {path}, {llm.weights} weights: one-row weight floor {floor_ms:.2f} ms"
+            " (packed weights / copy bandwidth)\n"
+        )
         print(table("whole step, ms", {"tree forward + LM head": step}))
         print()
         print(table("GEMM, ms (cache-hot)", gemms))
