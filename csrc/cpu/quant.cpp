@@ -61,10 +61,11 @@ inline void run_tile(const Problem& pb, int64_t p, int64_t m0) {
 }
 
 // Panels per step: independent accumulators for one or two rows, registers for more (16 ymm;
-// with VNNI 32 zmm of two panels each, and always an even count so that pairs fill a zmm).
+// with VNNI 32 zmm of two panels each, and always an even count so that pairs fill a zmm:
+// four panels at MR = 4 are 8 accumulators + 8 integer sums + 4 weight vectors).
 template <int MR>
 constexpr int panels_per_step() {
-  if constexpr (FIRP_QUANT_VNNI) return MR == 1 ? 8 : MR == 2 ? 4 : 2;
+  if constexpr (FIRP_QUANT_VNNI) return MR == 1 ? 8 : 4;
   return MR == 1 ? 4 : MR == 2 ? 2 : 1;
 }
 

@@ -36,10 +36,13 @@ inline __m512i bcast4_512(const int8_t* p) {
 }
 
 // c[MR][NZ * 16] = rows m0.. of x times the 2 * NZ consecutive panels starting at w.
-// Two integer accumulators per output vector (low / high nibbles, even / odd Q8 chunks) halve
-// the dependency chains; their sum is exact, so the split changes no bit.
+// Loop order per block: chunk, row, zmm: one broadcast of 4 bytes of a row's xq feeds all NZ
+// weight vectors (the broadcast is a load uop per vpdpbusd otherwise). With few chains
+// (MR * NZ < 8) each output keeps two integer accumulators (low / high nibbles, even / odd Q8
+// chunks) so that vpdpbusd's latency is hidden; their sum is exact, so no bit changes.
 template <Kind KD, int MR, int NZ>
 inline void tile_vnni(const Problem& pb, const uint8_t* w, int64_t m0, float* c) {
+  constexpr int S = MR * NZ < 8 ? 2 : 1;  // integer accumulators per output vector
   const int64_t pstride = pb.nb * pb.pb_bytes, K = pb.K, nb = pb.nb;
   const int8_t* xq = pb.x->q.data() + m0 * K;
   const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(char(0x80));
@@ -47,42 +50,51 @@ inline void tile_vnni(const Problem& pb, const uint8_t* w, int64_t m0, float* c)
   FIRP_UNROLL for (int r = 0; r < MR; ++r)
     FIRP_UNROLL for (int z = 0; z < NZ; ++z) acc[r][z] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk[NZ];  // panel 2z's block b; panel 2z + 1's is pstride further
     FIRP_UNROLL for (int z = 0; z < NZ; ++z) {
-      const uint8_t* blk_a = w + 2 * z * pstride + b * pb.pb_bytes;
-      const uint8_t* blk_b = blk_a + pstride;
-      prefetch_block(blk_a + 2 * NZ * pstride, pb.pb_bytes);
-      prefetch_block(blk_b + 2 * NZ * pstride, pb.pb_bytes);
-      const uint8_t* qa = blk_a + KINDS[KD].scale_bytes;
-      const uint8_t* qb = blk_b + KINDS[KD].scale_bytes;
-      __m512i s0[MR], s1[MR];
-      FIRP_UNROLL for (int r = 0; r < MR; ++r) s0[r] = s1[r] = _mm512_setzero_si512();
-      if constexpr (KD == Q8_0) {
-        // vpdpbusd wants unsigned weights: (w xor 0x80) = w + 128 as u8, and the extra
-        // 128 * sum(xq) comes off below (s8 holds 8 * sum(xq)).
-        FIRP_UNROLL for (int g = 0; g < 8; g += 2) {
-          const __m512i w0 = _mm512_xor_si512(load_two_panels(qa + 32 * g, qb + 32 * g), flip);
-          const __m512i w1 = _mm512_xor_si512(load_two_panels(qa + 32 * g + 32, qb + 32 * g + 32), flip);
-          FIRP_UNROLL for (int r = 0; r < MR; ++r) {
-            const int8_t* xb = xq + r * K + b * QK + 4 * g;
-            s0[r] = _mm512_dpbusd_epi32(s0[r], w0, bcast4_512(xb));
-            s1[r] = _mm512_dpbusd_epi32(s1[r], w1, bcast4_512(xb + 4));
-          }
+      blk[z] = w + 2 * z * pstride + b * pb.pb_bytes;
+      prefetch_block(blk[z] + 2 * NZ * pstride, pb.pb_bytes);
+      prefetch_block(blk[z] + (2 * NZ + 1) * pstride, pb.pb_bytes);
+    }
+    constexpr int off = KINDS[KD].scale_bytes;
+    __m512i s[S][MR][NZ];
+    FIRP_UNROLL for (int h = 0; h < S; ++h)
+      FIRP_UNROLL for (int r = 0; r < MR; ++r)
+        FIRP_UNROLL for (int z = 0; z < NZ; ++z) s[h][r][z] = _mm512_setzero_si512();
+    if constexpr (KD == Q8_0) {
+      // vpdpbusd wants unsigned weights: (w xor 0x80) = w + 128 as u8, and the extra
+      // 128 * sum(xq) comes off below (s8 holds 8 * sum(xq)).
+      FIRP_UNROLL for (int g = 0; g < 8; ++g) {
+        __m512i wv[NZ];
+        FIRP_UNROLL for (int z = 0; z < NZ; ++z)
+          wv[z] = _mm512_xor_si512(load_two_panels(blk[z] + off + 32 * g, blk[z] + pstride + off + 32 * g), flip);
+        FIRP_UNROLL for (int r = 0; r < MR; ++r) {
+          const __m512i bx = bcast4_512(xq + r * K + b * QK + 4 * g);
+          FIRP_UNROLL for (int z = 0; z < NZ; ++z) s[g % S][r][z] = _mm512_dpbusd_epi32(s[g % S][r][z], wv[z], bx);
         }
-      } else {
-        FIRP_UNROLL for (int i = 0; i < 4; ++i) {
-          const __m512i raw = load_two_panels(qa + 32 * i, qb + 32 * i);
-          const __m512i lo = _mm512_and_si512(raw, low4);
-          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
-          FIRP_UNROLL for (int r = 0; r < MR; ++r) {
-            const int8_t* xb = xq + r * K + b * QK + 4 * i;
-            s0[r] = _mm512_dpbusd_epi32(s0[r], lo, bcast4_512(xb));
-            s1[r] = _mm512_dpbusd_epi32(s1[r], hi, bcast4_512(xb + 16));
+      }
+    } else {
+      FIRP_UNROLL for (int i = 0; i < 4; ++i) {
+        __m512i lo[NZ], hi[NZ];
+        FIRP_UNROLL for (int z = 0; z < NZ; ++z) {
+          const __m512i raw = load_two_panels(blk[z] + off + 32 * i, blk[z] + pstride + off + 32 * i);
+          lo[z] = _mm512_and_si512(raw, low4);
+          hi[z] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+        }
+        FIRP_UNROLL for (int r = 0; r < MR; ++r) {
+          const int8_t* xb = xq + r * K + b * QK + 4 * i;
+          const __m512i b0 = bcast4_512(xb), b1 = bcast4_512(xb + 16);
+          FIRP_UNROLL for (int z = 0; z < NZ; ++z) {
+            s[0][r][z] = _mm512_dpbusd_epi32(s[0][r][z], lo[z], b0);
+            s[S - 1][r][z] = _mm512_dpbusd_epi32(s[S - 1][r][z], hi[z], b1);
           }
         }
       }
-      const __m512 d = load_half16(blk_a, blk_b);
+    }
+    FIRP_UNROLL for (int z = 0; z < NZ; ++z) {
+      const __m512 d = load_half16(blk[z], blk[z] + pstride);
       FIRP_UNROLL for (int r = 0; r < MR; ++r) {
-        __m512i isum = _mm512_add_epi32(s0[r], s1[r]);
+        __m512i isum = S == 2 ? _mm512_add_epi32(s[0][r][z], s[S - 1][r][z]) : s[0][r][z];
         const int32_t s8 = pb.x->s8[(m0 + r) * nb + b];
         if constexpr (KD == Q4_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(s8));
         if constexpr (KD == Q8_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(16 * s8));
@@ -90,7 +102,7 @@ inline void tile_vnni(const Problem& pb, const uint8_t* w, int64_t m0, float* c)
         acc[r][z] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[r][z]);
       }
       if constexpr (KD == Q4_1) {
-        const __m512 mv = load_half16(blk_a + 16, blk_b + 16);
+        const __m512 mv = load_half16(blk[z] + 16, blk[z] + pstride + 16);
         FIRP_UNROLL for (int r = 0; r < MR; ++r)
           acc[r][z] = _mm512_fmadd_ps(mv, _mm512_set1_ps(pb.x->sx[(m0 + r) * nb + b]), acc[r][z]);
       }
