@@ -74,7 +74,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
         "--draft-vocab",
         type=int,
         default=None,
-        help="FIRP: tokens the pseudo rows decode over, most frequent first; 0 = all (default: 16384)",
+        help="FIRP: decode pseudo rows over the N most frequent tokens only (e.g. 16384; default 0: all)",
     )
 
 

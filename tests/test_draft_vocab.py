@@ -61,7 +61,7 @@ def test_draft_rows():
     order = torch.tensor([3, 1, 0, 2, 4])
     assert draft_rows(order, 2, 5).tolist() == [1, 3]  # sorted: the sub-head's rows keep id order
     assert draft_rows(order, 0, 5) is None and draft_rows(order, 5, 5) is None
-    assert draft_rows(order, None, 5) is None  # the default (16384) covers a 5-token vocab
+    assert draft_rows(order, None, 5) is None  # the default: off
     assert draft_rows(None, None, 5) is None  # no order: all tokens
     with pytest.raises(FirpError, match="no vocab_order"):
         draft_rows(None, 2, 5)

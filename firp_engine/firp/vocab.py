@@ -2,13 +2,19 @@
 
 Verification needs the full LM head on the tree rows (the target's argmax or distribution
 over all V tokens). Drafting does not: a pseudo row only proposes its top few candidates,
-and on this model 16,384 of the 49,152 tokens cover 99 % of the training replies' tokens
-(FR-Spec's observation, arXiv 2502.14856). So the pseudo rows go through an LM head over
-the first N tokens of a frequency order (the same weight rows, so each logit equals the full
-head's), and their top-k and softmax run over N values. On the CPU this drops their LM-head
-rows and the top-k / logsumexp over 49k logits, about a tenth of a hybrid step. A token
-outside the draft vocabulary is never a FIRP draft; lookup chains still propose it, and
-output never changes: verification is untouched.
+and on this model 16,384 of the 49,152 tokens cover 99.7 % of the training replies' tokens
+(FR-Spec's observation, arXiv 2502.14856). With `draft_vocab=N` the pseudo rows go through
+an LM head over the first N tokens of a frequency order (the same weight rows, so each logit
+equals the full head's), and their top-k and softmax run over N values. A token outside the
+draft vocabulary is never a FIRP draft; lookup chains still propose it, and output never
+changes: verification is untouched.
+
+Off by default (N = 0): on the CPUs measured (benchmarks/RESULTS.md, session 8) it did not
+pay. The planner's trees spawn one pseudo group, whose rows ride the step's one full
+LM-head pass almost free while that pass is bandwidth-bound; a second, smaller pass streams
+its own weight rows again and cost more than the rows and the 49k-wide top-k it saved.
+Where steps spawn several groups (bigger trees, a GPU) their logits need a pass of their own
+anyway, and there the small head is the cheaper one.
 
 The order is counted on the head's training replies (never the evaluation questions) and
 saved in the head file (`vocab_order`). For a head trained before this existed:
@@ -28,7 +34,7 @@ import torch
 
 from firp_engine.errors import FirpError
 
-DEFAULT_DRAFT_VOCAB = 16384  # tokens the pseudo rows decode over by default (0: all)
+DEFAULT_DRAFT_VOCAB = 0  # tokens the pseudo rows decode over by default (0: all; see above)
 
 
 def token_order(replies: Iterable[Sequence[int] | np.ndarray], vocab_size: int) -> torch.Tensor:
@@ -55,7 +61,8 @@ def coverage(order: torch.Tensor, replies: Iterable[Sequence[int]], n: int) -> f
 
 def draft_rows(order: torch.Tensor | None, n: int | None, vocab_size: int) -> torch.Tensor | None:
     """The LM-head rows the pseudo rows decode over: the first n of `order`, sorted (int64), or
-    None for the full vocabulary (n = 0, n >= vocab_size, or n unset and no order)."""
+    None for the full vocabulary (n = 0, n >= vocab_size, or n unset with the default 0 or no
+    order)."""
     if n is None:
         n = DEFAULT_DRAFT_VOCAB if order is not None else 0
     if n < 0:
