@@ -74,6 +74,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("v_cache"), py::arg("slots"), py::arg("k_scratch"), py::arg("v_scratch"), py::arg("starts"),
            py::arg("ends"), py::arg("page_tables"), py::arg("prefix_lens"), py::arg("mask_bits"),
            py::arg("scratch_starts"), py::arg("start"), py::arg("end"), nogil);
+  m.def("top_lse", &firp::top_lse, py::arg("x"), py::arg("k"));
   m.def("kv_commit", &firp::kv_commit, py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scratch"),
         py::arg("v_scratch"), py::arg("src_rows"), py::arg("dst_slots"));
 

@@ -217,4 +217,5 @@ def _probes(
         "tree_attention": lambda: op("tree_attention")(q, pool(), pool(), page[0], 1, k, v, causal, 1.0),
         "firp_project": lambda: op("firp_project")(x, zeros(1, d, d), None),
         "kv_commit": lambda: op("kv_commit")(pool(1), pool(1), k[None], k[None], slots, slots),
+        "top_lse": lambda: op("top_lse")(zeros(2, cfg.vocab_size, dt=torch.float32), 2),
     }

@@ -225,6 +225,14 @@ def firp_project(
 
 
 @reference
+def top_lse(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 x [R, V] -> (the k largest values [R, k], largest first; their int64 indices
+    [R, k]; logsumexp [R]): a drafter's candidates and their softmax probabilities."""
+    top = torch.topk(x, k, dim=-1)
+    return top.values, top.indices, torch.logsumexp(x, -1)
+
+
+@reference
 def kv_commit(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,

@@ -355,6 +355,36 @@ def test_firp_project(backend, dtype, n, k, d, with_bias):
     check(out, ops.firp_project(h, w, bias), dtype)
 
 
+# ---------------------------------------------------------------- drafting
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "rows,vocab,k", [(1, 49152, 8), (3, 1000, 1), (5, 97, 97), (2, 63, 10), (4, 5000, 64)]
+)
+def test_top_lse(backend, rows, vocab, k):
+    fn = impl("top_lse", backend, F32, big=vocab > 10000)
+    x = torch.randn(rows, vocab, device=device_of(backend)) * 4
+    x[0, -1] = 30.0  # a maximum in the last, partial block
+    vals, idx, lse = fn(x, k)
+    want_v, want_i, want_lse = ops.top_lse(x, k)
+    assert torch.equal(idx, want_i) and torch.equal(vals, want_v)  # distinct values: one answer
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_lse_ties_and_edges(backend):
+    fn = impl("top_lse", backend, F32)
+    dev = device_of(backend)
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0], [-float("inf")] * 5], device=dev)
+    vals, idx, lse = fn(x, 3)
+    assert idx[0].tolist() == [1, 2, 4] and vals[0].tolist() == [3.0, 3.0, 3.0]  # ties: lower index first
+    assert lse[1].item() == -float("inf")
+    torch.testing.assert_close(lse[0], torch.logsumexp(x[0], -1))
+    with pytest.raises(RuntimeError):
+        fn(x, 6)
+
+
 # ---------------------------------------------------------------- registration
 
 

@@ -26,6 +26,9 @@ void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, con
 void kv_commit(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k_scratch,
                const at::Tensor& v_scratch, const at::Tensor& src_rows, const at::Tensor& dst_slots);
 
+// ---- top_lse.cpp: per row of fp32 x [R, V], the k largest (values, int64 indices) and logsumexp
+std::tuple<at::Tensor, at::Tensor, at::Tensor> top_lse(const at::Tensor& x, int64_t k);
+
 // ---- linear.cpp
 at::Tensor pack_linear(const at::Tensor& weight);
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed);

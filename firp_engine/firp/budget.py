@@ -6,7 +6,7 @@ which happens at 2 rows on one CPU and at 64 on another. So the default budget i
 per machine, from measurement:
 
 1. `cost_curve`: the forward of 1, 2, 4 ... 64 rows of one sequence over a 256-token
-   prefix, timed (median of a few runs) relative to 1 row; measured once per machine,
+   prefix, timed (the fastest of interleaved rounds) relative to 1 row; measured once per machine,
    model, dtype, backend and thread count, and cached in ~/.cache/firp-engine/.
 2. `plan`: for each node budget and pseudo-row policy, the expected tokens per step under
    the head's acceptance table, with the fallback trees a non-spawning accepted node leads
@@ -46,13 +46,23 @@ def cost_at(curve: dict[int, float], rows: int) -> float:
     return c1 + (c1 - c0) * (rows - r1) / (r1 - r0)
 
 
-def step_cost(curve: dict[int, float], n_tree: int, n_pseudo: int, share: float = 1.0) -> float:
+def step_cost(
+    curve: dict[int, float], n_tree: int, n_pseudo: int, share: float = 1.0, head_pass: float = 0.0
+) -> float:
     """A step's cost relative to a one-row forward: n_tree rows run every layer, n_pseudo
     pseudo rows only `share` of them (layers [l, L) of L: share = (L - l) / L). The curve
-    times full rows, so the pseudo rows are charged that share of their marginal cost (their
-    LM-head rows are small too with a draft vocabulary, firp/vocab.py)."""
+    times full rows, so the pseudo rows are charged that share of their marginal cost.
+    head_pass: the relative cost of an LM-head pass of its own for the pseudo rows that draft
+    the next tree, which a step pays when it has several pseudo groups (a single group rides
+    the step's pass: FirpDrafter.logit_rows); the caller passes it for such steps only."""
     base = cost_at(curve, n_tree)
-    return (base + (cost_at(curve, n_tree + n_pseudo) - base) * share) / curve[1]
+    return (base + (cost_at(curve, n_tree + n_pseudo) - base) * share) / curve[1] + head_pass
+
+
+def head_pass(model, n_vocab: int) -> float:
+    """An LM-head pass over n_vocab of the model's tokens as a share of a one-row step, which
+    streams every weight once: what a pseudo group decoded on its own adds to a step."""
+    return model.lm_head.packed.nbytes * n_vocab / model.cfg.vocab_size / model.step_bytes()
 
 
 def _build_id(isa: str | None) -> str:
@@ -98,23 +108,25 @@ def measure(llm, prefix: int = 256, reps: int = 5) -> dict[int, float]:
         torch.empty(cfg.n_layers, rows, cfg.n_kv_heads, cfg.head_dim, dtype=model.dtype, device=dev)
         for _ in "kv"
     )
-    out = {}
+    runs = {}
+    for r in ROWS:
+        bits = pack_mask(torch.ones(r, r, dtype=torch.bool).tril()).to(dev)
+        batch = Batch(torch.arange(n, n + r, device=dev), [SeqRows(seq, 0, r, bits)], "tree", scratch=scratch)
+        runs[r] = (batch, model.embed_tokens(list(range(r))))
+    times: dict[int, list[float]] = {r: [] for r in ROWS}
     try:
-        for r in ROWS:
-            bits = pack_mask(torch.ones(r, r, dtype=torch.bool).tril()).to(dev)
-            batch = Batch(
-                torch.arange(n, n + r, device=dev), [SeqRows(seq, 0, r, bits)], "tree", scratch=scratch
-            )
-            x = model.embed_tokens(list(range(r)))
-            times = []
-            for _ in range(reps + 1):  # the first run warms caches up
+        # Rounds over all row counts, the first a warm-up, and the fastest run of each count:
+        # a slow moment of the machine then spoils one run of one count, not the ratio of two
+        # counts (the planner reads ratios; a slow one-row figure once flattened a whole curve).
+        for rnd in range(reps + 1):
+            for r, (batch, x) in runs.items():
                 t = time.perf_counter()
                 model.logits(model.forward(batch, x))
-                times.append(time.perf_counter() - t)
-            out[r] = 1e3 * sorted(times[1:])[reps // 2]
+                if rnd:
+                    times[r].append(time.perf_counter() - t)
     finally:
         seq.free()
-    return out
+    return {r: 1e3 * min(ts) for r, ts in times.items()}
 
 
 def machine_busy(window: float = 0.25) -> float | None:
@@ -173,11 +185,17 @@ def cost_curve(llm, recalibrate: bool = False) -> dict[int, float]:
 
 
 def steady_rate(
-    acc: list[list[float]], k: int, budget: int, policy: tuple[str, int], curve, share: float = 1.0
+    acc: list[list[float]],
+    k: int,
+    budget: int,
+    policy: tuple[str, int],
+    curve,
+    share: float = 1.0,
+    head_pass: float = 0.0,
 ) -> tuple[float, float]:
     """(expected tokens per step, expected step cost relative to one row) for a static tree
     of `budget` nodes under `policy`, in the steady state of which tree each step uses;
-    share: the pseudo rows' share of the layers (step_cost)."""
+    share, head_pass: as step_cost's."""
     name, top = policy
     full = DraftTree.build(acc, budget)
     trees = {0: full} | {d: DraftTree.chain(min(max(0, k - d), len(acc))) for d in range(1, k + 1)}
@@ -190,7 +208,7 @@ def steady_rate(
         values = [_chain_value(acc, nd.depth, d) if d else nd.value for nd in t.nodes]
         ends = [values[j] - sum(values[c] for c in t.children[j]) for j in range(t.n)]
         tokens[d] = 1.0 + sum(values[1:])
-        cost[d] = step_cost(curve, t.n, lay.n_rows - t.n, share)
+        cost[d] = step_cost(curve, t.n, lay.n_rows - t.n, share, head_pass if len(lay.spawn) > 1 else 0.0)
         nxt: dict[int, float] = {}
         for j, p in enumerate(ends):
             delta = lay.source[j][1]
@@ -216,25 +234,27 @@ def _chain_value(acc: list[list[float]], depth: int, delta: int) -> float:
 
 
 def plan(
-    acc: list[list[float]], k: int, curve: dict[int, float], share: float = 1.0
+    acc: list[list[float]], k: int, curve: dict[int, float], share: float = 1.0, head_pass: float = 0.0
 ) -> tuple[int, str, float]:
     """(budget, policy, expected speedup over one-row steps) maximising tokens per cost;
-    share: the pseudo rows' share of the layers (step_cost). Remembered per (table, k, curve,
-    share): every `generate` call makes a decoder, and the search builds ~50 layouts (0.15 s)."""
-    key = (tuple(map(tuple, acc)), k, tuple(sorted(curve.items())), share)
+    share, head_pass: as step_cost's. Remembered per (table, k, curve, share, head_pass):
+    every `generate` call makes a decoder, and the search builds ~50 layouts (0.15 s)."""
+    key = (tuple(map(tuple, acc)), k, tuple(sorted(curve.items())), share, head_pass)
     if key not in _PLANS:
-        _PLANS[key] = _search(acc, k, curve, share)
+        _PLANS[key] = _search(acc, k, curve, share, head_pass)
     return _PLANS[key]
 
 
 _PLANS: dict[tuple, tuple[int, str, float]] = {}
 
 
-def _search(acc: list[list[float]], k: int, curve: dict[int, float], share: float) -> tuple[int, str, float]:
+def _search(
+    acc: list[list[float]], k: int, curve: dict[int, float], share: float, head_pass: float
+) -> tuple[int, str, float]:
     best = (1, "top:1", 0.0)
     for b in BUDGETS:
         for name, top in POLICIES:
-            tau, cost = steady_rate(acc, k, b, (name, top), curve, share)
+            tau, cost = steady_rate(acc, k, b, (name, top), curve, share, head_pass)
             if tau / cost > best[2] + 1e-9:
                 best = (b, "all" if name == "all" else f"top:{top}", tau / cost)
     return best

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from firp_engine.errors import FirpError, FirpWarning
-from firp_engine.firp.budget import cost_curve, plan
+from firp_engine.firp.budget import cost_curve, head_pass, plan
 from firp_engine.firp.head import FirpHead, resolve_head
 from firp_engine.firp.pseudo import PseudoLayout, parse_policy, spawning
 from firp_engine.firp.vocab import draft_rows
@@ -51,17 +51,18 @@ class FirpDrafter:
         self.layer, self.k = h.layer, h.k
         acc = [list(r) for r in (acc or h.meta.get("acc") or default_acc(self.k))][: self.k]
         self.share = (cfg.n_layers - self.layer) / cfg.n_layers  # the pseudo rows' layers
-        if tree_budget is None and pseudo_policy is None:  # the machine decides (firp/budget.py)
-            tree_budget, pseudo_policy, _ = plan(acc, self.k, cost_curve(llm), self.share)
-        budget, default_policy = default_tree(self.model.device)
-        policy, top = parse_policy(pseudo_policy or default_policy)
-        # The pseudo rows decode over a draft vocabulary (firp/vocab.py), or over all tokens.
+        # The pseudo rows' vocabulary first: it sets the cost of their own LM-head pass.
         self.vocab = draft_rows(h.vocab_order, draft_vocab, cfg.vocab_size)
         self.draft_head = None if self.vocab is None else self.model.head_rows(self.vocab)
         if self.vocab is not None and self.draft_head is None:
             warnings.warn("the LM head's weight is not kept: draft vocabulary off", FirpWarning, stacklevel=2)
             self.vocab = None
         n_vocab = cfg.vocab_size if self.vocab is None else self.vocab.numel()
+        self.head_pass = head_pass(self.model, n_vocab)
+        if tree_budget is None and pseudo_policy is None:  # the machine decides (firp/budget.py)
+            tree_budget, pseudo_policy, _ = plan(acc, self.k, cost_curve(llm), self.share, self.head_pass)
+        budget, default_policy = default_tree(self.model.device)
+        policy, top = parse_policy(pseudo_policy or default_policy)
         self.width = min(max(len(r) for r in acc), n_vocab)  # candidates kept per offset
 
         self.policy, self.top = policy, top

@@ -95,7 +95,10 @@ class DynamicFirpDrafter(FirpDrafter):
         curve = cost_curve(llm) if self.max_nodes > self.budget else {1: 1.0, 2: 1.0}
         # step cost (x a one-row forward) of an n-node tree with its pseudo rows, n = 1..max_nodes
         self.cost = [0.0] + [
-            step_cost(curve, n, self.spawns(n) * self.k, self.share) for n in range(1, self.max_nodes + 1)
+            step_cost(
+                curve, n, self.spawns(n) * self.k, self.share, self.head_pass if self.spawns(n) > 1 else 0.0
+            )
+            for n in range(1, self.max_nodes + 1)
         ]
         self.max_rows = max(self.max_rows, self.max_nodes + self.spawns(self.max_nodes) * self.k)
         self.layouts: dict[tuple, PseudoLayout] = {}
@@ -124,10 +127,10 @@ class DynamicFirpDrafter(FirpDrafter):
             if self.use_lookup:
                 self.count_lookup(st, last)
             rl = self.pseudo_logits(last) if last.draft.layout is not None else torch.empty(0)
-            if rl.shape[0]:
-                top = torch.topk(rl, self.width, dim=-1)  # then p = exp(logit - logsumexp)
-                probs = (top.values - torch.logsumexp(rl, -1, keepdim=True)).exp()
-                pairs = zip(self.token_ids(top.indices).tolist(), probs.tolist(), strict=True)
+            if rl.shape[0]:  # candidates, p = exp(logit - logsumexp)
+                values, idx, lse = self.model.backend.call("top_lse", rl, self.width)
+                probs = (values - lse[:, None]).exp()
+                pairs = zip(self.token_ids(idx).tolist(), probs.tolist(), strict=True)
                 firp = [list(zip(i, p, strict=True)) for i, p in pairs]
         chain, ngram = self.lookup_chain(st) if self.use_lookup else ([], 0)
         st.extra["lookup_ngram"] = ngram
