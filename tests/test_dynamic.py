@@ -171,6 +171,7 @@ def test_layouts_are_reused(llm):
     a = drafter.grow_draft(st, firp, [])
     b = drafter.grow_draft(st, [[(t + 20, p) for t, p in row] for row in firp], [])
     assert a.layout is b.layout and a.tokens != b.tokens and len(drafter.layouts) == 1
+    assert a.tree is b.tree and len(drafter.trees) == 1
 
 
 @pytest.mark.parametrize("opts", [{}, {"lookup": False}], ids=["hybrid", "dynamic"])

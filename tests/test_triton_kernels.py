@@ -262,6 +262,6 @@ def test_registered_kernels():
         "paged_decode_attention",
         "tree_attention",
     }
-    assert set(TRITON.fallbacks) == {"rope", "silu_mul", "pack_linear", "linear"}
+    assert set(TRITON.fallbacks) == {"rope", "silu_mul", "pack_linear", "linear", "top_lse"}
     for op in ("rms_norm", "add_rms_norm", "write_kv", "kv_commit", "firp_project"):
         assert TRITON.op(op) is getattr(K, op)

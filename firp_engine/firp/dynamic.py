@@ -30,8 +30,10 @@ run that hot drafts the next step from its own continuation, and the rows (throu
 [l, L) and the LM head) would cost more than they add. The step after has lookup drafts only,
 or, without a chain, spawns pseudo rows again.
 
-Trees of the same shape and spawning set reuse one precomputed layout (masks, positions):
-a step builds its tree in Python over a few dozen candidates and looks its layout up.
+Trees of the same shape reuse one precomputed tree (masks, positions) and, with the same
+spawning set, one layout: a step grows its tree in Python over a few dozen candidates and
+looks both up. (Best-first growth adds nodes in decreasing value, so the likeliest nodes,
+which spawn under `top:M`, are the first M whatever the step's values.)
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class DynamicFirpDrafter(FirpDrafter):
         ]
         self.max_rows = max(self.max_rows, self.max_nodes + self.spawns(self.max_nodes) * self.k)
         self.layouts: dict[tuple, PseudoLayout] = {}
+        self.trees: dict[tuple, DraftTree] = {}  # by shape: (parent, rank) per node
 
     def spawns(self, n: int) -> int:
         """Nodes of an n-node tree that spawn pseudo rows under the policy."""
@@ -157,14 +160,17 @@ class DynamicFirpDrafter(FirpDrafter):
         nodes, labels = grow(self.max_nodes, kids)
         n = self.best_size([nd.value for nd in nodes])
         nodes, labels = nodes[:n], labels[:n]  # best-first: a prefix is a tree
-        tree = DraftTree(nodes)
+        shape = tuple((nd.parent, nd.rank) for nd in nodes)
+        tree = self.trees.get(shape)  # a shape's masks are built once (its node values: the first step's)
+        if tree is None:
+            tree = self.trees[shape] = DraftTree(nodes)
         if self.skip_pseudo > 0 and chain:
             on_chain = self.chain_nodes(tree, labels, chain)
             if sum(nodes[j].value for j in on_chain) >= self.skip_pseudo:
                 st.extra["lookup_nodes"] = on_chain
                 return Draft(tree, [st.tokens[-1], *labels[1:]])
         spawn = spawning(tree, self.policy, self.top)
-        key = (tuple((nd.parent, nd.rank) for nd in nodes), tuple(spawn))
+        key = (shape, tuple(spawn))
         lay = self.layouts.get(key)
         if lay is None:
             lay = self.layouts[key] = PseudoLayout(tree, self.layer, self.k, spawn)

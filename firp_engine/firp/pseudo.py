@@ -27,7 +27,7 @@ POLICIES = ("all", "top")
 
 def spawning(tree: DraftTree, policy: str, top: int) -> list[int]:
     """The nodes that spawn pseudo rows: all, or the `top` likeliest (the root always)."""
-    order = tree.by_value()
+    order = sorted(range(tree.n), key=lambda j: -tree.nodes[j].value)
     return sorted(order if policy == "all" else order[: max(1, top)])
 
 

@@ -145,10 +145,6 @@ class DraftTree:
         """Root plus `length` rank-0 nodes; root only when length = 0."""
         return cls([Node(-1, 0, 0, 1.0)] + [Node(t - 1, t, 0, 1.0) for t in range(1, length + 1)])
 
-    def by_value(self) -> list[int]:
-        """Node ids, likeliest first (the root first: its value is 1)."""
-        return sorted(range(self.n), key=lambda j: -self.nodes[j].value)
-
     # ------------------------------------------------------------ precomputation
 
     def path(self, j: int) -> list[int]:
