@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from spec_bench import DEFAULT_QUESTIONS  # noqa: E402
+
 from firp_engine.firp import dynamic
 from firp_engine.generate import LLM, State
 from firp_engine.spec.step import SpecDecoder
-
-QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
 def main() -> None:
@@ -33,7 +35,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     args = ap.parse_args()
     llm = LLM(dtype=args.dtype, weights=args.weights)
-    lines = [json.loads(x) for x in QUESTIONS.read_text().splitlines() if x.strip()]
+    lines = [json.loads(x) for x in DEFAULT_QUESTIONS.read_text().splitlines() if x.strip()]
     prompts = [q["turns"][0] for q in lines[:: args.every][: args.questions]]
     grow = dynamic.DynamicFirpDrafter.grow_draft
 

@@ -14,16 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from spec_bench import DEFAULT_QUESTIONS  # noqa: E402
 
 from firp_engine.backend import cpu_model
 from firp_engine.firp import drafter, dynamic
 from firp_engine.generate import LLM
 from firp_engine.spec import step as stepmod
 
-QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 TIME: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
 
@@ -49,7 +52,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     args = ap.parse_args()
     llm = LLM(dtype="bf16", weights=args.weights)
-    lines = [json.loads(x) for x in QUESTIONS.read_text().splitlines() if x.strip()]
+    lines = [json.loads(x) for x in DEFAULT_QUESTIONS.read_text().splitlines() if x.strip()]
     prompts = [q["turns"][0] for q in lines[::40][: args.questions]]
 
     def run(method: str) -> tuple[int, float]:

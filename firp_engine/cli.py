@@ -306,26 +306,22 @@ def _cpu_paths() -> dict | None:
 
 def _draft_tree_info(llm, recalibrate: bool = False) -> dict:
     """This machine's step cost curve and the FIRP tree it picks (firp/budget.py)."""
-    from firp_engine.firp.budget import cost_curve, head_pass, plan
+    from firp_engine.firp.budget import cost_curve
+    from firp_engine.firp.drafter import FirpDrafter
     from firp_engine.firp.head import FirpHead, resolve_head
-    from firp_engine.firp.vocab import draft_rows
-    from firp_engine.spec.tree import default_acc
 
     try:
         head = resolve_head(llm, None, FirpHead, "firp")
     except FirpError as e:
         return {"note": str(e)}
     curve = cost_curve(llm, recalibrate)
-    acc = [list(r) for r in head.meta.get("acc") or default_acc(head.k)][: head.k]
-    share = (llm.config.n_layers - head.layer) / llm.config.n_layers
-    rows = draft_rows(head.vocab_order, None, llm.config.vocab_size)
-    n_vocab = llm.config.vocab_size if rows is None else rows.numel()
-    budget, policy, speedup = plan(acc, head.k, curve, share, head_pass(llm.model, n_vocab))
+    drafter = FirpDrafter(llm, head)  # plans from the curve just measured (kept for this process)
+    budget, policy, speedup = drafter.planned
     return {
         "cost_ms_by_rows": {r: round(ms, 2) for r, ms in curve.items()},
         "firp_tree_budget": budget,
         "firp_pseudo_policy": policy,
-        "firp_draft_vocab": "all" if rows is None else rows.numel(),  # firp/vocab.py
+        "firp_draft_vocab": "all" if drafter.vocab is None else drafter.vocab.numel(),  # firp/vocab.py
         "expected_speedup": round(speedup, 2),
     }
 

@@ -18,7 +18,7 @@ from spec_helpers import (
     random_head,
     tiny_checkpoint,
 )
-from test_dynamic import IDS, VARIANTS, repetitive
+from test_dynamic import IDS, VARIANTS, decode, repetitive, spy
 from test_firp_decode import exact_distributions, sample_firp
 from test_shards import _folder, _records
 
@@ -27,7 +27,6 @@ from firp_engine.firp import vocab as vocab_mod
 from firp_engine.firp.dynamic import DynamicFirpDrafter
 from firp_engine.firp.head import FirpHead
 from firp_engine.firp.vocab import coverage, draft_rows, token_order
-from firp_engine.generate import State
 from firp_engine.loading import Checkpoint
 from firp_engine.sampling import SamplingParams
 from firp_engine.spec.step import SpecDecoder
@@ -142,15 +141,8 @@ def test_firp_drafts_stay_in_the_vocab(llm, tree):
         llm, head=head, tree_budget=10, pseudo_policy="all", tree=tree, lookup=False, draft_vocab=40
     )
     assert drafter.draft_head is not None and drafter.vocab.numel() == 40
-    dec, drafts = SpecDecoder(llm, drafter), []
-    seq = llm.cache.new_sequence()
-    st = State(seq, [5, 9, 13, 2], 4)
-    with torch.inference_mode():
-        dec.prefill(st)
-        for _ in range(12):
-            drafts.append(drafter.propose(st, st.extra["last"]))
-            st.tokens += dec.step([st])[0]
-    seq.free()
+    drafts = spy(drafter)
+    decode(llm, SpecDecoder(llm, drafter), [5, 9, 13, 2], 24)
     assert all(set(d.tokens[1:]) <= keep for d in drafts) and any(len(d.tokens) > 1 for d in drafts)
     assert all(d.logit_rows == 0 for d in drafts)  # the pseudo rows skip the full LM head
 

@@ -41,6 +41,24 @@ def repetitive(n: int, vocab: int, seed: int) -> list[list[int]]:
     return out
 
 
+def spy(drafter) -> list:
+    """The list every draft the drafter proposes from now on is appended to."""
+    drafts, propose = [], drafter.propose
+    drafter.propose = lambda st, last: drafts.append(propose(st, last)) or drafts[-1]
+    return drafts
+
+
+def decode(llm, dec: SpecDecoder, prompt: list[int], n_new: int) -> State:
+    """Greedy-decode at least n_new tokens after prompt; the final state (its pages freed)."""
+    st = State(llm.cache.new_sequence(), list(prompt), len(prompt))
+    with torch.inference_mode():
+        st.tokens += dec.prefill(st)
+        while len(st.tokens) < len(prompt) + n_new:
+            st.tokens += dec.run_step(st)
+    st.seq.free()
+    return st
+
+
 @pytest.mark.parametrize("opts", VARIANTS, ids=IDS)
 @pytest.mark.parametrize("budget,policy", [(10, "all"), (4, "top:1"), (25, "top:3")])
 def test_greedy_equals_ar(llm, opts, budget, policy):
@@ -64,16 +82,9 @@ def test_hybrid_measures_lookup_acceptance(llm):
     ar = llm.generate([""] * 2, prompt_ids=ps, max_new_tokens=64)
     drafter = DynamicFirpDrafter(llm, head=head, tree_budget=10)
     dec = SpecDecoder(llm, drafter)
-    drafts = []  # every proposal, to see which steps spawned pseudo rows
-    propose = drafter.propose
-    drafter.propose = lambda st, last: drafts.append(propose(st, last)) or drafts[-1]
+    drafts = spy(drafter)  # every proposal, to see which steps spawned pseudo rows
     for p, a in zip(ps, ar, strict=True):
-        st = State(llm.cache.new_sequence(), list(p), len(p))
-        with torch.inference_mode():
-            st.tokens += dec.prefill(st)
-            while len(st.tokens) < len(p) + 64:
-                st.tokens += dec.run_step(st)
-        st.seq.free()
+        st = decode(llm, dec, p, 64)
         assert_same_or_near_tie(llm.model, p, st.tokens[len(p) : len(p) + 64], a.new_ids)
         per_ngram = st.extra["lookup_stats"]  # {matched n-gram length: per depth [hits, tries]}
         assert set(per_ngram) <= set(range(drafter.max_ngram + 1))
@@ -94,16 +105,8 @@ def test_skip_pseudo_off_always_spawns(llm):
     head = random_head(llm, layer=2, k=3, seed=1)
     p = [5, 6, 7, 8, 9, 10, 11] * 4
     drafter = DynamicFirpDrafter(llm, head=head, tree_budget=10, skip_pseudo=0)
-    dec = SpecDecoder(llm, drafter)
-    drafts = []
-    propose = drafter.propose
-    drafter.propose = lambda st, last: drafts.append(propose(st, last)) or drafts[-1]
-    st = State(llm.cache.new_sequence(), list(p), len(p))
-    with torch.inference_mode():
-        st.tokens += dec.prefill(st)
-        while len(st.tokens) < len(p) + 32:
-            st.tokens += dec.run_step(st)
-    st.seq.free()
+    drafts = spy(drafter)
+    decode(llm, SpecDecoder(llm, drafter), p, 32)
     assert drafts and all(d.layout is not None for d in drafts)
 
 

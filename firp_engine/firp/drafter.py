@@ -59,8 +59,10 @@ class FirpDrafter:
             self.vocab = None
         n_vocab = cfg.vocab_size if self.vocab is None else self.vocab.numel()
         self.head_pass = head_pass(self.model, n_vocab)
+        self.planned: tuple[int, str, float] | None = None  # (budget, policy, expected speedup)
         if tree_budget is None and pseudo_policy is None:  # the machine decides (firp/budget.py)
-            tree_budget, pseudo_policy, _ = plan(acc, self.k, cost_curve(llm), self.share, self.head_pass)
+            self.planned = plan(acc, self.k, cost_curve(llm), self.share, self.head_pass)
+            tree_budget, pseudo_policy, _ = self.planned
         budget, default_policy = default_tree(self.model.device)
         policy, top = parse_policy(pseudo_policy or default_policy)
         self.width = min(max(len(r) for r in acc), n_vocab)  # candidates kept per offset
